@@ -1,0 +1,37 @@
+"""Input side of digitseq: MNIST through TFDS and stitched digit-sequence batches in tf.data.
+
+TensorFlow only feeds data here, so it is imported once, quietly, with every accelerator hidden
+from it: the GPUs and TPUs belong to JAX.
+"""
+
+import ctypes
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+for _kind in ("GPU", "TPU"):
+    try:
+        tf.config.set_visible_devices([], _kind)
+    except (RuntimeError, ValueError):  # no such devices, or TF already initialised them
+        pass
+
+
+def _keep_freed_buffers() -> None:
+    # Every tf.data element is a fresh buffer of a few MB. By default glibc maps each one anew
+    # and hands it back on free, so every element pays page faults and zeroing (a fifth of the
+    # pipeline's CPU time here). Serving them from the heap and not trimming it keeps them warm.
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest allowed value
+    libc.mallopt(m_trim_threshold, 1 << 30)
+
+
+_keep_freed_buffers()

@@ -1,0 +1,130 @@
+"""Input throughput: sequences/s the tf.data pipeline delivers to Python as NumPy arrays.
+
+    python -m pipeline.benchmark [--image-size 64x64] [--augment] [--threads N]
+
+Measures what a training loop consumes (uint8 batches as NumPy, after warm-up, several timed
+repeats, median) and, in the same run, the 2017 notebook's way: a Python loop that stitches one
+example at a time. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline import flags
+from pipeline.mnist import DigitPool, load_pool
+from pipeline.sequences import BLANK_LABEL, TILE, SequenceConfig, numpy_batches, train_batches
+
+
+def notebook_loop(pool: DigitPool, config: SequenceConfig, count: int, rng: np.random.Generator) -> np.ndarray:
+    """The notebook's data generation, one example at a time (the baseline, kept faithful on purpose)."""
+    images, labels = [], []
+    blank = np.zeros((TILE, TILE), np.uint8)
+    for _ in range(count):
+        length = int(rng.integers(1, config.max_digits + 1))
+        picks = rng.integers(0, len(pool), size=length)
+        tiles = [pool.images[i] for i in picks] + [blank] * (config.max_digits - length)
+        image = np.hstack(tiles)
+        if config.image_size is not None:
+            height, width = config.image_size
+            image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+        images.append(image)
+        labels.append([int(pool.labels[i]) for i in picks] + [BLANK_LABEL] * (config.max_digits - length))
+    return np.stack(images)
+
+
+def time_tfdata(pool: DigitPool, config: SequenceConfig, args: argparse.Namespace) -> list[float]:
+    batches = numpy_batches(
+        train_batches(
+            pool, config, batch_size=args.batch_size, seed=0, num_examples=args.train_examples, threads=args.threads
+        )
+    )
+    for _ in tqdm(range(args.warmup_batches), desc="tf.data warm-up", leave=False):
+        next(batches)
+    rates = []
+    for _ in tqdm(range(args.repeats), desc="tf.data timed repeats", leave=False):
+        start = time.perf_counter()
+        for _ in range(args.batches):
+            batch = next(batches)
+        rates.append(args.batches * args.batch_size / (time.perf_counter() - start))
+        assert batch["image"].dtype == np.uint8
+    return rates
+
+
+def time_baseline(pool: DigitPool, config: SequenceConfig, args: argparse.Namespace) -> list[float]:
+    rng = np.random.default_rng(0)
+    rates = []
+    for _ in tqdm(range(args.repeats), desc="notebook loop repeats", leave=False):
+        start = time.perf_counter()
+        notebook_loop(pool, config, args.baseline_examples, rng)
+        rates.append(args.baseline_examples / (time.perf_counter() - start))
+    return rates
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.benchmark",
+        description="Sequences/s from the tf.data pipeline (as NumPy batches) beside the notebook's "
+        "one-example-at-a-time loop, measured in the same run. Last line: JSON.",
+    )
+    parser.add_argument("--batch-size", type=flags.positive_int, default=256, help="sequences per batch (default: 256)")
+    parser.add_argument("--augment", action="store_true", help="time the pipeline with per-digit shift augmentation")
+    parser.add_argument(
+        "--threads",
+        type=flags.positive_int,
+        default=None,
+        help="size of tf.data's private thread pool (default: TensorFlow's choice, one per core)",
+    )
+    parser.add_argument(
+        "--train-examples",
+        type=flags.positive_int,
+        default=None,
+        help="time a fixed set of this many sequences (default: streaming, fresh sequences every step)",
+    )
+    parser.add_argument("--repeats", type=flags.positive_int, default=5, help="timed repeats; the median is reported")
+    parser.add_argument("--batches", type=flags.positive_int, default=400, help="batches per timed repeat")
+    parser.add_argument("--warmup-batches", type=flags.positive_int, default=100, help="batches before timing")
+    parser.add_argument(
+        "--baseline-examples", type=flags.positive_int, default=5000, help="examples per notebook-loop repeat"
+    )
+    flags.add_sequence_flags(parser)
+    flags.add_data_flags(parser)
+    args = parser.parse_args(argv)
+    config = flags.sequence_config(args, augment=args.augment)
+    pool = load_pool("train", args.data_dir, args.mnist_dir)
+
+    tfdata = time_tfdata(pool, config, args)
+    baseline = time_baseline(pool, config, args)
+    tfdata_rate, baseline_rate = statistics.median(tfdata), statistics.median(baseline)
+    result = {
+        "tfdata_seq_per_s": round(tfdata_rate),
+        "baseline_loop_seq_per_s": round(baseline_rate),
+        "speedup": round(tfdata_rate / baseline_rate, 1),
+        "batch_size": args.batch_size,
+        "image_shape": list(config.image_shape),
+        "threads": args.threads or os.cpu_count(),
+        "augment": args.augment,
+        "mode": "streaming" if args.train_examples is None else f"fixed set of {args.train_examples}",
+        "max_digits": args.max_digits,
+        "repeats": args.repeats,
+        "tfdata_runs": [round(r) for r in tfdata],
+        "baseline_runs": [round(r) for r in baseline],
+    }
+    shape = "x".join(map(str, config.image_shape))
+    print(
+        f"{shape}{' augmented' if args.augment else ''}, batch {args.batch_size}, {result['threads']} threads: "
+        f"tf.data {tfdata_rate:,.0f} seq/s, notebook loop {baseline_rate:,.0f} seq/s, {result['speedup']}x"
+    )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    flags.run(main, "pipeline.benchmark")

@@ -1,0 +1,90 @@
+"""Writes a fixed set of stitched sequences to .npz or .h5.
+
+    python -m pipeline.export --split test --examples 10000 --seed 0 --out test.npz
+
+`images` uint8 [N, H, W] and `labels` int32 [N, max_digits] (10 = blank): the same sequences
+eval.py builds for that split, seed and size. The file appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import flags
+from pipeline.mnist import SPLITS, load_pool
+from pipeline.sequences import eval_batches, numpy_batches
+
+
+def build(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    pool = load_pool(args.split, args.data_dir, args.mnist_dir)
+    batches = eval_batches(
+        pool, flags.sequence_config(args), num_examples=args.examples, batch_size=1000, seed=args.seed
+    )
+    parts = list(numpy_batches(batches))
+    images = np.concatenate([p["image"][..., 0] for p in parts])
+    labels = np.concatenate([p["labels"] for p in parts])
+    return images, labels
+
+
+def write(path: Path, images: np.ndarray, labels: np.ndarray, attrs: dict[str, object]) -> None:
+    """Writes atomically: a temporary file in the same folder, renamed into place when complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would surprise whoever shares the file
+    try:
+        if path.suffix == ".h5":
+            import h5py
+
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("images", data=images, compression="gzip", chunks=True)
+                f.create_dataset("labels", data=labels, compression="gzip", chunks=True)
+                f.attrs.update(attrs)
+        else:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, images=images, labels=labels)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.export",
+        description="Write a fixed set of stitched digit sequences: images uint8 [N, H, W], labels int32 "
+        "[N, max_digits] (10 = blank). .npz, or .h5 when --out ends in .h5.",
+    )
+    parser.add_argument(
+        "--split",
+        choices=list(SPLITS),
+        default="test",
+        help="digit pool: train = MNIST train[:55000], validation = train[55000:], test = MNIST test (default: test)",
+    )
+    parser.add_argument(
+        "--examples", type=flags.positive_int, default=10000, help="sequences to write (default: 10000)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="fixes the set: same seed, same bytes (default: 0)")
+    parser.add_argument("--out", type=Path, required=True, help="output file, .npz or .h5")
+    flags.add_sequence_flags(parser)
+    flags.add_data_flags(parser)
+    args = parser.parse_args(argv)
+    if args.out.suffix not in (".npz", ".h5"):
+        parser.error(f"--out must end in .npz or .h5, not {args.out.name!r}")
+    if args.out.is_dir():
+        parser.error(f"--out {args.out} is a folder; name a file ending in .npz or .h5")
+    images, labels = build(args)
+    attrs = {"split": args.split, "seed": args.seed, "max_digits": args.max_digits}
+    write(args.out, images, labels, attrs)
+    print(f"wrote {len(images)} sequences {images.shape[1]}x{images.shape[2]} from MNIST {args.split} to {args.out}")
+
+
+if __name__ == "__main__":
+    flags.run(main, "pipeline.export")

@@ -1,0 +1,71 @@
+"""Command-line flags shared by every script that reads MNIST or builds sequences."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from pipeline.mnist import MnistError
+from pipeline.sequences import SequenceConfig, parse_image_size
+
+
+def _image_size(text: str) -> tuple[int, int] | None:
+    try:
+        return parse_image_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("MNIST")
+    group.add_argument(
+        "--data-dir",
+        help="TFDS data dir where MNIST is prepared once (default: $TFDS_DATA_DIR, else ~/tensorflow_datasets)",
+    )
+    group.add_argument(
+        "--mnist-dir",
+        help="offline: a folder with the four original MNIST .gz files, handed to TFDS as its "
+        "manual_dir (default: $MNIST_DIR; without either, TFDS downloads MNIST)",
+    )
+
+
+def add_sequence_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sequences")
+    group.add_argument(
+        "--max-digits", type=positive_int, default=5, help="longest sequence and number of positions (default: 5)"
+    )
+    group.add_argument(
+        "--image-size",
+        type=_image_size,
+        default=None,
+        metavar="HxW",
+        help="resize images to HxW, bilinear (e.g. 64x64, the notebook's input); default 'native': 28 x 28*max_digits",
+    )
+
+
+def sequence_config(args: argparse.Namespace, augment: bool = False) -> SequenceConfig:
+    return SequenceConfig(max_digits=args.max_digits, image_size=args.image_size, augment=augment)
+
+
+def run(main: Callable[[], None], prog: str) -> None:
+    """Runs a command's main; a user's mistake becomes one line on stderr and exit status 2."""
+    try:
+        main()
+    except (MnistError, ValueError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,133 @@
+"""MNIST through tensorflow-datasets, split into three disjoint pools of digits.
+
+`train` sequences come from MNIST train[:55000], `validation` from train[55000:] and `test` only
+from MNIST test, so neither model selection nor the test figures ever see a training digit.
+With internet TFDS downloads MNIST as usual; offline, a folder with the four original files is
+handed to TFDS as its `manual_dir` and TFDS verifies their checksums. Either way the prepared
+data lives in TFDS's data dir and is prepared once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import socket
+import sys
+import urllib.parse
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging as absl_logging
+from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
+
+import pipeline  # noqa: F401  (hides accelerators from TensorFlow before TFDS touches it)
+
+SPLITS = {"train": "train[:55000]", "validation": "train[55000:]", "test": "test"}
+MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+_DOWNLOAD_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
+
+absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS's chatter; what matters is said below
+
+
+class MnistError(RuntimeError):
+    """MNIST cannot be had; the message says why and what to do, in one sentence."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DigitPool:
+    """The digits one kind of sequence is drawn from: `images` uint8 [N, 28, 28], `labels` int32 [N]."""
+
+    split: str
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _missing_files(mnist_dir: Path) -> list[str]:
+    return [name for name in MNIST_FILES if not (mnist_dir / name).is_file()]
+
+
+def _offline_hint() -> str:
+    return (
+        f"put the four original MNIST files ({', '.join(MNIST_FILES)}) in a folder and pass it "
+        "with --mnist-dir DIR or the MNIST_DIR environment variable"
+    )
+
+
+def _can_reach_download_host(timeout_s: float = 5.0) -> bool:
+    # TFDS retries a failing download for minutes; a quick look first gives a quick answer.
+    host = urllib.parse.urlparse(_DOWNLOAD_URL).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def prepare(data_dir: str | None = None, mnist_dir: str | None = None) -> tfds.core.DatasetBuilder:
+    """Returns the TFDS `mnist` builder, preparing it first if its data dir lacks it.
+
+    `data_dir` defaults to TFDS_DATA_DIR, then TFDS's default; `mnist_dir` to MNIST_DIR.
+    """
+    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
+    mnist_dir = mnist_dir or os.environ.get("MNIST_DIR") or None
+    builder = tfds.builder("mnist", data_dir=data_dir)
+    if builder.is_prepared():
+        return builder
+    where = builder.data_dir
+    if mnist_dir is not None:
+        folder = Path(mnist_dir).expanduser()
+        if not folder.is_dir():
+            raise MnistError(
+                f"MNIST is not prepared in {where} and the MNIST folder {folder} does not exist: "
+                + _offline_hint()
+                + "."
+            )
+        missing = _missing_files(folder)
+        if missing:
+            raise MnistError(
+                f"MNIST is not prepared in {where} and {folder} lacks {', '.join(missing)}: " + _offline_hint() + "."
+            )
+        config = tfds.download.DownloadConfig(manual_dir=str(folder))
+    else:
+        if not _can_reach_download_host():
+            raise MnistError(
+                f"MNIST is not prepared in {where} and cannot be downloaded (no network): " + _offline_hint() + "."
+            )
+        config = tfds.download.DownloadConfig()
+    print(f"Preparing MNIST in {where} (once) from {mnist_dir or 'the internet'}", file=sys.stderr)
+    try:
+        builder.download_and_prepare(download_config=config)
+    except NonMatchingChecksumError as error:
+        name = next((n for n in MNIST_FILES if n in str(error)), "an MNIST file")
+        source = f"in {mnist_dir}" if mnist_dir else "as downloaded"
+        raise MnistError(
+            f"MNIST file {name} {source} failed its checksum (it is not the original file): "
+            "replace it with the original and run again."
+        ) from None
+    except OSError as error:
+        raise MnistError(f"MNIST could not be prepared in {where} ({error}): " + _offline_hint() + ".") from None
+    return builder
+
+
+@functools.lru_cache(maxsize=6)
+def load_pool(split: str, data_dir: str | None = None, mnist_dir: str | None = None) -> DigitPool:
+    """Loads one pool of digits (`train`, `validation` or `test`) as NumPy arrays, once per process."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    builder = prepare(data_dir, mnist_dir)
+    data = tfds.as_numpy(builder.as_dataset(split=SPLITS[split], batch_size=-1, shuffle_files=False))
+    images = np.ascontiguousarray(data["image"][..., 0], dtype=np.uint8)
+    labels = data["label"].astype(np.int32)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return DigitPool(split=split, images=images, labels=labels)

@@ -1,0 +1,321 @@
+"""Stitched digit sequences as a tf.data pipeline.
+
+A sequence of length k (uniform in 1..max_digits) is k MNIST digits of one pool placed left to
+right in 28×28 cells; the remaining cells are blank (zero pixels) with label 10. Batches are
+built whole: integer hashing draws every random number, one gather of 28-pixel rows lays the
+digits straight into the stitched layout, an optional bilinear resize follows. Images stay
+uint8; the model scales them on its device.
+
+Determinism: every random number is a hash of (seed, step, example, slot), so batch n is a pure
+function of (seed, n): the same seed gives the same bytes on any machine, and a stream started
+at step n sees exactly what an uninterrupted one sees there. Example j of a global batch does
+not depend on how many shards build the batch nor on how many steps one tf.data call builds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline.mnist import DigitPool
+
+BLANK_LABEL = 10
+TILE = 28
+AUGMENT_MAX_SHIFT = 2  # pixels, each way, per digit and axis
+# One tf.data call builds this many sequences (whole batches of them): per-call overhead, not
+# the pixels, is what limits small batches.
+_SEQUENCES_PER_CALL = 2048
+
+# Salts that keep the independent random streams of one seed apart.
+_SET, _STREAM, _SHIFT, _EPOCH = 1, 2, 3, 4
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceConfig:
+    """What the images look like.
+
+    max_digits: the longest sequence, and the number of label positions.
+    image_size: (height, width) to resize to (bilinear); None keeps the native 28 × 28·max_digits.
+    augment: shift every digit independently by up to ±2 px each way (train data only).
+    """
+
+    max_digits: int = 5
+    image_size: tuple[int, int] | None = None
+    augment: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_digits, bool) or not isinstance(self.max_digits, int) or self.max_digits < 1:
+            raise ValueError(f"max digits must be a whole number of at least 1, not {self.max_digits!r}")
+        if self.image_size is not None:
+            size = tuple(self.image_size)
+            if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size):
+                raise ValueError(f"image size must be two positive whole numbers, not {self.image_size!r}")
+            object.__setattr__(self, "image_size", size)
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(height, width) of the images the pipeline delivers."""
+        return self.image_size or (TILE, TILE * self.max_digits)
+
+
+def parse_image_size(text: str) -> tuple[int, int] | None:
+    """'64x64' → (64, 64); 'native' → None. Raises ValueError with a readable message."""
+    if text.strip().lower() == "native":
+        return None
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        height, width = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"image size must look like 64x64 (height x width) or 'native', not {text!r}") from None
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, not {text!r}")
+    return height, width
+
+
+# --- counter-based random numbers ------------------------------------------------------------
+
+
+def _mix(x: tf.Tensor) -> tf.Tensor:
+    """A 32-bit finalizer with full avalanche (lowbias32): neighbouring inputs, unrelated outputs."""
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(16, tf.uint32)))
+    x = x * tf.constant(0x7FEB352D, tf.uint32)
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(15, tf.uint32)))
+    x = x * tf.constant(0x846CA68B, tf.uint32)
+    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(16, tf.uint32)))
+
+
+def _hash(*words: tf.Tensor | int) -> tf.Tensor:
+    """Hashes integer words (broadcast together) to uint32."""
+    h = tf.constant(0x9E3779B9, tf.uint32)
+    for word in words:
+        word = tf.cast(word, tf.int64)
+        for half in (word, tf.bitwise.right_shift(word, tf.constant(32, tf.int64))):
+            h = _mix(tf.bitwise.bitwise_xor(h, tf.cast(tf.bitwise.bitwise_and(half, 0xFFFFFFFF), tf.uint32)))
+    return h
+
+
+def _below(bits: tf.Tensor, n: int) -> tf.Tensor:
+    """Maps uniform uint32 to a uniform int32 in [0, n) (multiply-shift: no modulo bias to speak of)."""
+    wide = tf.cast(bits, tf.uint64) * tf.constant(n, tf.uint64)
+    return tf.cast(tf.bitwise.right_shift(wide, tf.constant(32, tf.uint64)), tf.int32)
+
+
+def _bilinear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each output pixel: the two input pixels it lies between and the weight of the second."""
+    source = np.maximum((np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5, 0.0)
+    first = np.minimum(np.floor(source), size_in - 1).astype(np.int32)
+    second = np.minimum(first + 1, size_in - 1)
+    return first, second, (source - first).astype(np.float32)
+
+
+def _lerp(x: tf.Tensor, taps: tuple[np.ndarray, np.ndarray, np.ndarray], axis: int) -> tf.Tensor:
+    first, second, weight = taps
+    a, b = tf.gather(x, first, axis=axis), tf.gather(x, second, axis=axis)
+    shape = [1] * x.shape.rank
+    shape[axis] = -1
+    return a + (b - a) * tf.reshape(weight, shape)
+
+
+# --- building images ---------------------------------------------------------------------------
+
+
+class _Builder:
+    """Sequences of one pool: per-example keys in, images and labels out, all inside XLA."""
+
+    def __init__(self, pool: DigitPool, config: SequenceConfig, seed: int):
+        self.config = config
+        self.seed = seed
+        self.pool_size = len(pool)
+        tiles = np.concatenate([pool.images, np.zeros((1, TILE, TILE), np.uint8)])  # the last is blank
+        if config.augment:
+            # Horizontally shifted copies of every tile, so that a shift is only another row
+            # index; vertical shifts index rows directly (out of range → the zero row at the end).
+            s = AUGMENT_MAX_SHIFT
+            shifted = np.zeros((2 * s + 1, *tiles.shape), np.uint8)
+            for i, dx in enumerate(range(-s, s + 1)):
+                shifted[i, :, :, max(dx, 0) : TILE + min(dx, 0)] = tiles[:, :, max(-dx, 0) : TILE - max(dx, 0)]
+            tiles = shifted.reshape(-1, TILE, TILE)
+        rows = np.concatenate([tiles.reshape(-1, TILE), np.zeros((1, TILE), np.uint8)])
+        self.zero_row = len(rows) - 1
+        # A 28-pixel row moves as seven int32s: one gather fetches whole rows.
+        self.rows = tf.constant(rows.view(np.int32))
+        self.labels = tf.constant(np.concatenate([pool.labels, [BLANK_LABEL]]).astype(np.int32))
+
+    @tf.function(jit_compile=True)
+    def draw(self, keys: tf.Tensor, shift_keys: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """keys [b] → pool indices [b, K] (blank = pool size after the length), shifts [b, K, 2] or None."""
+        k = self.config.max_digits
+        draws = _hash(keys[:, None], tf.range(k + 1))
+        length = 1 + _below(draws[:, 0], k)
+        digits = tf.where(tf.range(k) < length[:, None], _below(draws[:, 1:], self.pool_size), self.pool_size)
+        if shift_keys is None:
+            return digits, None
+        s = AUGMENT_MAX_SHIFT
+        return digits, _below(_hash(shift_keys[:, None, None], tf.range(k)[:, None], tf.range(2)), 2 * s + 1) - s
+
+    # A separate XLA function from `draw`: fused into one, XLA recomputes the hashes for every row.
+    @tf.function(jit_compile=True)
+    def stitch(self, digits: tf.Tensor, shifts: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+        """digits [b, K] → image uint8 [b, 28, 28·K, 1], labels int32 [b, K]."""
+        row = tf.range(TILE)[None, :, None]
+        if shifts is None:
+            index = digits[:, None, :] * TILE + row  # [b, 28, K]: row r of every cell
+        else:
+            dx, dy = shifts[..., 0], shifts[..., 1]
+            tile = (dx + AUGMENT_MAX_SHIFT) * (self.pool_size + 1) + digits
+            source_row = row - dy[:, None, :]
+            inside = (source_row >= 0) & (source_row < TILE)
+            index = tf.where(inside, tile[:, None, :] * TILE + source_row, self.zero_row)
+        rows = tf.gather(self.rows, index)  # [b, 28, K, 7] int32
+        image = tf.reshape(tf.bitcast(rows, tf.uint8), [-1, TILE, TILE * self.config.max_digits, 1])
+        return {"image": image, "labels": tf.gather(self.labels, digits)}
+
+    @tf.function(jit_compile=True)
+    def resize(self, image: tf.Tensor) -> tf.Tensor:
+        """Bilinear resize, one axis at a time: the same numbers as tf.image.resize (half-pixel
+        centres), several times faster than its CPU kernel or XLA's lowering of it."""
+        height, width = self.config.image_size
+        x = tf.cast(image, tf.float32)
+        x = _lerp(x, _bilinear_taps(TILE * self.config.max_digits, width), axis=2)
+        x = _lerp(x, _bilinear_taps(TILE, height), axis=1)
+        return tf.cast(tf.round(x), tf.uint8)
+
+    def build(self, keys: tf.Tensor, shift_keys: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+        """keys [b] → image uint8 [b, H, W, 1], labels int32 [b, K]."""
+        batch = self.stitch(*self.draw(keys, shift_keys))
+        if self.config.image_size is None:
+            return batch
+        return {**batch, "image": self.resize(batch["image"])}
+
+    def set_keys(self, members: tf.Tensor) -> tf.Tensor:
+        """Keys of the members of the fixed set of this seed."""
+        return _hash(self.seed, _SET, members)
+
+
+def _check_whole(name: str, value: int, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be a whole number of at least {least}, not {value!r}")
+
+
+def _finish(dataset: tf.data.Dataset, threads: int | None) -> tf.data.Dataset:
+    options = tf.data.Options()
+    options.deterministic = True
+    if threads is not None:
+        _check_whole("threads", threads, 1)
+        options.threading.private_threadpool_size = threads
+    return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def train_batches(
+    pool: DigitPool,
+    config: SequenceConfig = SequenceConfig(),
+    *,
+    batch_size: int,
+    seed: int,
+    num_examples: int | None = None,
+    start_step: int = 0,
+    shard: tuple[int, int] = (0, 1),
+    threads: int | None = None,
+) -> tf.data.Dataset:
+    """An endless stream of training batches; the one at step n is a pure function of (seed, n).
+
+    num_examples=None streams fresh sequences every step. A number fixes a set of that many
+    sequences (a function of the seed), visited in a new order every epoch of
+    num_examples // batch_size steps (the remainder waits for a later epoch's order).
+    shard=(i, n) keeps rows i·B/n .. (i+1)·B/n of every global batch of B.
+
+    Each element of the dataset holds several consecutive steps' batches, stacked on a leading
+    axis (`numpy_batches` hands them out one step at a time).
+    """
+    if pool.split == "test":
+        raise ValueError("test digits never feed training: build training batches from the train pool")
+    _check_whole("batch size", batch_size, 1)
+    _check_whole("start step", start_step, 0)
+    index, count = shard
+    if not 0 <= index < count or batch_size % count:
+        raise ValueError(f"a batch of {batch_size} cannot be split into {count} equal shards (shard {index})")
+    if num_examples is not None:
+        _check_whole("number of examples", num_examples, 1)
+        if num_examples < batch_size:
+            raise ValueError(f"a fixed set of {num_examples} sequences cannot fill a batch of {batch_size}")
+    builder = _Builder(pool, config, seed)
+    per_shard = batch_size // count
+    columns = tf.range(index * per_shard, (index + 1) * per_shard, dtype=tf.int64)  # this shard's rows
+    steps_per_call = max(1, _SEQUENCES_PER_CALL // per_shard)
+
+    def make(first_step: tf.Tensor) -> dict[str, tf.Tensor]:
+        steps = first_step + tf.range(steps_per_call, dtype=tf.int64)[:, None]  # [S, 1]
+        if num_examples is None:
+            keys = _hash(seed, _STREAM, steps, columns)
+        else:
+            steps_per_epoch = num_examples // batch_size
+            epoch, offset = steps // steps_per_epoch, steps % steps_per_epoch
+            # index_shuffle: a stateless permutation of the set per epoch, without materialising it.
+            positions = tf.reshape(offset * batch_size + columns, [-1])
+            epochs = tf.reshape(tf.broadcast_to(epoch, [steps_per_call, per_shard]), [-1])
+            epoch_seeds = tf.stack(
+                [
+                    tf.fill(tf.shape(epochs), tf.constant(seed, tf.int64)),
+                    tf.fill(tf.shape(epochs), tf.constant(_EPOCH, tf.int64)),
+                    epochs,
+                ],
+                -1,
+            )
+            # (the raw op: the public wrapper mishandles one seed per index)
+            members = tf.raw_ops.RandomIndexShuffle(
+                index=positions, seed=epoch_seeds, max_index=tf.constant(num_examples - 1, tf.int64)
+            )
+            keys = builder.set_keys(members)
+        shift_keys = _hash(seed, _SHIFT, steps, columns) if config.augment else None
+        flat = builder.build(tf.reshape(keys, [-1]), None if shift_keys is None else tf.reshape(shift_keys, [-1]))
+        return {name: tf.reshape(t, [steps_per_call, per_shard, *t.shape[1:]]) for name, t in flat.items()}
+
+    calls = tf.data.Dataset.range(start_step, 2**62, steps_per_call)
+    return _finish(calls.map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True), threads)
+
+
+def eval_batches(
+    pool: DigitPool,
+    config: SequenceConfig = SequenceConfig(),
+    *,
+    num_examples: int,
+    batch_size: int,
+    seed: int,
+    threads: int | None = None,
+) -> tf.data.Dataset:
+    """One pass, in order, over the fixed set of num_examples sequences of this seed.
+
+    The same set `train_batches` visits for that seed and size. The last batch is smaller when
+    batch_size does not divide num_examples. Never augmented.
+    """
+    if config.augment:
+        raise ValueError("evaluation data is never augmented: pass a config with augment=False")
+    _check_whole("number of examples", num_examples, 1)
+    _check_whole("batch size", batch_size, 1)
+    builder = _Builder(pool, config, seed)
+
+    def make(start: tf.Tensor) -> dict[str, tf.Tensor]:
+        members = tf.range(start, tf.minimum(start + batch_size, num_examples))
+        return builder.build(builder.set_keys(members))
+
+    starts = tf.data.Dataset.range(0, num_examples, batch_size)
+    return _finish(starts.map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True), threads)
+
+
+def numpy_batches(dataset: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+    """The dataset's batches, one step at a time, as NumPy arrays sharing the tensors' memory.
+
+    This is what a training loop consumes. Elements of `train_batches` hold several steps; they
+    are split here into views, which costs nothing. (`_numpy()` is what `as_numpy_iterator`
+    calls too: a view of a CPU tensor's buffer, no copy.)
+    """
+    for element in dataset:
+        arrays = {name: tensor._numpy() for name, tensor in element.items()}
+        if arrays["labels"].ndim == 2:  # one batch per element
+            yield arrays
+            continue
+        for step in range(arrays["labels"].shape[0]):
+            yield {name: array[step] for name, array in arrays.items()}

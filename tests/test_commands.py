@@ -1,0 +1,82 @@
+"""The pipeline's command-line faces, run for real: export and the throughput benchmark."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from pipeline.sequences import SequenceConfig, eval_batches, numpy_batches
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("suffix,size", [(".npz", None), (".h5", "64x64")])
+def test_export_writes_the_eval_set(tmp_path, pools, suffix, size):
+    out = tmp_path / f"test{suffix}"
+    extra = ["--image-size", size] if size else []
+    result = run("pipeline.export", "--split", "test", "--examples", "300", "--seed", "5", "--out", str(out), *extra)
+    assert result.returncode == 0, result.stderr
+    if suffix == ".h5":
+        with h5py.File(out) as f:
+            images, labels = f["images"][:], f["labels"][:]
+    else:
+        with np.load(out) as f:
+            images, labels = f["images"], f["labels"]
+    config = SequenceConfig(image_size=(64, 64) if size else None)
+    expected = list(numpy_batches(eval_batches(pools["test"], config, num_examples=300, batch_size=300, seed=5)))[0]
+    assert images.dtype == np.uint8 and labels.dtype == np.int32
+    assert images.shape == (300, *config.image_shape) and labels.shape == (300, 5)
+    assert np.array_equal(images, expected["image"][..., 0]) and np.array_equal(labels, expected["labels"])
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--max-digits", "0"], "--max-digits: must be at least 1"),
+        (["--image-size", "0x64"], "image size must be positive"),
+        (["--examples", "-5"], "--examples: must be at least 1"),
+        (["--split", "everything"], "invalid choice"),
+    ],
+)
+def test_export_refuses_bad_flags(tmp_path, flags, message):
+    result = run("pipeline.export", "--out", str(tmp_path / "x.npz"), *flags)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_export_refuses_other_formats(tmp_path):
+    result = run("pipeline.export", "--out", str(tmp_path / "x.csv"))
+    assert result.returncode == 2 and "must end in .npz or .h5" in result.stderr
+
+
+def test_benchmark_prints_json_last(mnist_dir):
+    result = run(
+        "pipeline.benchmark",
+        "--repeats",
+        "2",
+        "--batches",
+        "4",
+        "--warmup-batches",
+        "2",
+        "--baseline-examples",
+        "100",
+        "--batch-size",
+        "64",
+        "--threads",
+        "1",
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["tfdata_seq_per_s"] > 0 and figures["baseline_loop_seq_per_s"] > 0
+    assert figures["batch_size"] == 64 and figures["image_shape"] == [28, 140] and figures["threads"] == 1
+    assert figures["speedup"] == pytest.approx(
+        figures["tfdata_seq_per_s"] / figures["baseline_loop_seq_per_s"], rel=0.01
+    )

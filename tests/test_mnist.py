@@ -1,0 +1,88 @@
+"""MNIST through TFDS: offline preparation and the clear errors when it cannot be had."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from pipeline import mnist
+from pipeline.mnist import MNIST_FILES, MnistError, prepare
+
+
+@pytest.fixture
+def fresh_data_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+    return str(tmp_path / "tfds")
+
+
+def test_pools_are_the_three_disjoint_mnist_splits(pools):
+    assert {split: len(pool) for split, pool in pools.items()} == {"train": 55000, "validation": 5000, "test": 10000}
+    for pool in pools.values():
+        assert pool.images.shape[1:] == (28, 28) and pool.images.dtype.name == "uint8"
+        assert set(pool.labels.tolist()) == set(range(10))
+
+
+def test_folder_missing_files_names_them_and_the_flags(tmp_path, fresh_data_dir, mnist_dir):
+    folder = tmp_path / "partial"
+    folder.mkdir()
+    shutil.copy(f"{mnist_dir}/{MNIST_FILES[1]}", folder)
+    with pytest.raises(MnistError) as error:
+        prepare(fresh_data_dir, str(folder))
+    message = str(error.value)
+    for name in (MNIST_FILES[0], MNIST_FILES[2], MNIST_FILES[3], "--mnist-dir", "MNIST_DIR"):
+        assert name in message
+    assert "\n" not in message
+
+
+def test_folder_that_does_not_exist_is_named(tmp_path, fresh_data_dir):
+    with pytest.raises(MnistError, match="does not exist"):
+        prepare(fresh_data_dir, str(tmp_path / "nowhere"))
+
+
+def test_no_data_and_no_network_says_what_to_do(fresh_data_dir, monkeypatch):
+    monkeypatch.delenv("MNIST_DIR", raising=False)
+    monkeypatch.setattr(mnist, "_can_reach_download_host", lambda: False)  # as offline as this machine
+    with pytest.raises(MnistError, match="cannot be downloaded.*--mnist-dir DIR or the MNIST_DIR"):
+        prepare(fresh_data_dir, None)
+
+
+def test_corrupted_file_fails_its_checksum_by_name(tmp_path, fresh_data_dir, mnist_dir):
+    folder = tmp_path / "corrupt"
+    shutil.copytree(mnist_dir, folder)
+    victim = folder / "t10k-labels-idx1-ubyte.gz"
+    victim.chmod(0o644)
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(MnistError, match="t10k-labels-idx1-ubyte.gz .* failed its checksum"):
+        prepare(fresh_data_dir, str(folder))
+
+
+def test_command_line_error_is_one_line_without_traceback(tmp_path, fresh_data_dir):
+    out = tmp_path / "kept.npz"
+    out.write_bytes(b"an earlier export")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.export",
+            "--out",
+            str(out),
+            "--data-dir",
+            fresh_data_dir,
+            "--mnist-dir",
+            str(tmp_path / "nowhere"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert "does not exist" in result.stderr
+    assert out.read_bytes() == b"an earlier export"

@@ -1,0 +1,201 @@
+"""The stitched-sequence pipeline on real MNIST: honest sources, layout, determinism, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import tiles
+
+from pipeline.sequences import (
+    AUGMENT_MAX_SHIFT,
+    BLANK_LABEL,
+    SequenceConfig,
+    eval_batches,
+    numpy_batches,
+    parse_image_size,
+    train_batches,
+)
+
+
+def first(dataset: tf.data.Dataset, count: int) -> list[dict[str, np.ndarray]]:
+    batches = numpy_batches(dataset)
+    return [{k: v.copy() for k, v in next(batches).items()} for _ in range(count)]
+
+
+def fingerprints(images: np.ndarray) -> dict[bytes, int]:
+    return {image.tobytes(): i for i, image in enumerate(images)}
+
+
+def concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def check_sources(images, labels, pool, others, k=5):
+    """Every non-blank cell is a digit of `pool` with its label; blanks are zero and trailing."""
+    index = fingerprints(pool.images)
+    foreign = set().union(*(fingerprints(o.images) for o in others))
+    cells = tiles(images, k)
+    for cell_row, label_row in zip(cells, labels, strict=True):
+        length = int(np.sum(label_row != BLANK_LABEL))
+        assert 1 <= length <= k
+        assert np.all(label_row[:length] != BLANK_LABEL) and np.all(label_row[length:] == BLANK_LABEL)
+        for cell, label in zip(cell_row[:length], label_row[:length], strict=True):
+            key = cell.tobytes()
+            assert key in index, "a digit that is not from its own pool"
+            assert pool.labels[index[key]] == label
+            assert key not in foreign
+        assert not cell_row[length:].any(), "blank cells must be all zero"
+
+
+def test_test_sequences_use_only_mnist_test_digits(pools):
+    batches = concat(first(eval_batches(pools["test"], num_examples=600, batch_size=256, seed=3), 3))
+    assert batches["image"].shape == (600, 28, 140, 1) and batches["image"].dtype == np.uint8
+    assert batches["labels"].shape == (600, 5) and batches["labels"].dtype == np.int32
+    check_sources(batches["image"], batches["labels"], pools["test"], [pools["train"], pools["validation"]])
+
+
+def test_train_and_validation_sequences_keep_to_their_pools(pools):
+    train = concat(first(train_batches(pools["train"], batch_size=128, seed=1), 2))
+    check_sources(train["image"], train["labels"], pools["train"], [pools["validation"], pools["test"]])
+    val = concat(first(eval_batches(pools["validation"], num_examples=256, batch_size=128, seed=1), 2))
+    check_sources(val["image"], val["labels"], pools["validation"], [pools["train"], pools["test"]])
+
+
+def test_training_on_test_digits_is_refused(pools):
+    with pytest.raises(ValueError, match="test digits never feed training"):
+        train_batches(pools["test"], batch_size=8, seed=0)
+
+
+def test_lengths_and_digits_are_roughly_uniform(pools):
+    labels = concat(first(train_batches(pools["train"], batch_size=1000, seed=5), 10))["labels"]
+    lengths = np.sum(labels != BLANK_LABEL, axis=1)
+    share = np.bincount(lengths, minlength=6)[1:] / len(lengths)
+    assert np.all(np.abs(share - 0.2) < 0.02), share
+    digits = labels[labels != BLANK_LABEL]
+    assert np.all(np.abs(np.bincount(digits, minlength=10) / len(digits) - 0.1) < 0.02)
+
+
+@pytest.mark.parametrize("num_examples", [None, 1000])
+def test_same_seed_same_bytes_other_seed_different(pools, num_examples):
+    def stream(seed):
+        return concat(first(train_batches(pools["train"], batch_size=64, seed=seed, num_examples=num_examples), 3))
+
+    a, b, c = stream(7), stream(7), stream(8)
+    assert a["image"].tobytes() == b["image"].tobytes() and np.array_equal(a["labels"], b["labels"])
+    assert a["image"].tobytes() != c["image"].tobytes()
+
+
+@pytest.mark.parametrize(
+    "num_examples,augment,start",
+    [(None, False, 37), (640, False, 23), (None, True, 5), (640, True, 61)],
+)
+def test_resumed_stream_sees_the_batches_of_a_fresh_one(pools, num_examples, augment, start):
+    config = SequenceConfig(augment=augment)
+
+    def stream(start_step):
+        return train_batches(
+            pools["train"], config, batch_size=32, seed=11, num_examples=num_examples, start_step=start_step
+        )
+
+    fresh = first(stream(0), start + 3)[start:]
+    resumed = first(stream(start), 3)
+    for a, b in zip(fresh, resumed, strict=True):
+        assert a["image"].tobytes() == b["image"].tobytes() and np.array_equal(a["labels"], b["labels"])
+
+
+def test_shards_make_the_same_global_batch(pools):
+    whole = first(train_batches(pools["train"], batch_size=64, seed=2), 2)
+    halves = [first(train_batches(pools["train"], batch_size=64, seed=2, shard=(i, 2)), 2) for i in range(2)]
+    for step in range(2):
+        joined = np.concatenate([halves[0][step]["image"], halves[1][step]["image"]])
+        assert joined.tobytes() == whole[step]["image"].tobytes()
+
+
+def test_fixed_set_epoch_is_a_permutation_of_the_eval_set(pools):
+    # 1000 sequences in batches of 100: each epoch of 10 steps visits every sequence once, in a new order.
+    epochs = first(train_batches(pools["train"], batch_size=100, seed=4, num_examples=1000), 20)
+    the_set = concat(first(eval_batches(pools["train"], num_examples=1000, batch_size=300, seed=4), 4))
+    expected = sorted(image.tobytes() for image in the_set["image"])
+    orders = []
+    for epoch in (epochs[:10], epochs[10:]):
+        images = concat(epoch)["image"]
+        assert sorted(image.tobytes() for image in images) == expected
+        orders.append([image.tobytes() for image in images])
+    assert orders[0] != orders[1]
+
+
+def test_eval_batches_cover_the_set_with_a_short_last_batch(pools):
+    batches = first(eval_batches(pools["test"], num_examples=250, batch_size=100, seed=0), 3)
+    assert [len(b["labels"]) for b in batches] == [100, 100, 50]
+    again = concat(first(eval_batches(pools["test"], num_examples=250, batch_size=250, seed=0), 1))
+    assert concat(batches)["image"].tobytes() == again["image"].tobytes()
+
+
+def test_augmentation_shifts_each_digit_by_at_most_two_pixels(pools):
+    plain = first(train_batches(pools["train"], batch_size=64, seed=9), 1)[0]
+    moved = first(train_batches(pools["train"], SequenceConfig(augment=True), batch_size=64, seed=9), 1)[0]
+    assert np.array_equal(plain["labels"], moved["labels"])
+    assert plain["image"].tobytes() != moved["image"].tobytes()
+    s = AUGMENT_MAX_SHIFT
+    for before, after in zip(
+        tiles(plain["image"], 5).reshape(-1, 28, 28), tiles(moved["image"], 5).reshape(-1, 28, 28), strict=True
+    ):
+        padded = np.pad(before, s)
+        shifted = [
+            padded[s - dy : s - dy + 28, s - dx : s - dx + 28] for dy in range(-s, s + 1) for dx in range(-s, s + 1)
+        ]
+        assert any(np.array_equal(after, candidate) for candidate in shifted)
+
+
+def test_eval_data_is_never_augmented(pools):
+    with pytest.raises(ValueError, match="never augmented"):
+        eval_batches(pools["test"], SequenceConfig(augment=True), num_examples=10, batch_size=5, seed=0)
+
+
+def test_64x64_is_bilinear_resize_of_the_native_image(pools):
+    native = first(eval_batches(pools["test"], num_examples=64, batch_size=64, seed=1), 1)[0]
+    squashed = first(
+        eval_batches(pools["test"], SequenceConfig(image_size=(64, 64)), num_examples=64, batch_size=64, seed=1), 1
+    )[0]
+    assert squashed["image"].shape == (64, 64, 64, 1) and squashed["image"].dtype == np.uint8
+    expected = tf.cast(tf.round(tf.image.resize(native["image"], (64, 64), method="bilinear")), tf.uint8).numpy()
+    assert np.abs(squashed["image"].astype(int) - expected).max() <= 1
+    assert np.array_equal(squashed["labels"], native["labels"])
+
+
+def test_max_digits_sets_width_and_positions(pools):
+    batch = first(train_batches(pools["train"], SequenceConfig(max_digits=3), batch_size=50, seed=0), 1)[0]
+    assert batch["image"].shape == (50, 28, 84, 1) and batch["labels"].shape == (50, 3)
+    check_sources(batch["image"], batch["labels"], pools["train"], [pools["test"]], k=3)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"max_digits": 0}, "max digits must be a whole number of at least 1"),
+        ({"max_digits": -2}, "max digits must be a whole number of at least 1"),
+        ({"image_size": (-64, 64)}, "image size must be two positive whole numbers"),
+        ({"image_size": (64,)}, "image size must be two positive whole numbers"),
+    ],
+)
+def test_bad_configs_are_refused_clearly(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SequenceConfig(**kwargs)
+
+
+@pytest.mark.parametrize("text", ["64", "0x64", "-3x5", "axb", "64x64x1"])
+def test_bad_image_sizes_are_refused_clearly(text):
+    with pytest.raises(ValueError, match="image size"):
+        parse_image_size(text)
+
+
+def test_bad_batch_arguments_are_refused_clearly(pools):
+    with pytest.raises(ValueError, match="batch size must be a whole number of at least 1"):
+        train_batches(pools["train"], batch_size=0, seed=0)
+    with pytest.raises(ValueError, match="start step"):
+        train_batches(pools["train"], batch_size=8, seed=0, start_step=-1)
+    with pytest.raises(ValueError, match="cannot fill a batch"):
+        train_batches(pools["train"], batch_size=8, seed=0, num_examples=4)
+    with pytest.raises(ValueError, match="equal shards"):
+        train_batches(pools["train"], batch_size=9, seed=0, shard=(0, 2))
