@@ -18,6 +18,14 @@ for _kind in ("GPU", "TPU"):
     except (RuntimeError, ValueError):  # no such devices, or TF already initialised them
         pass
 
+# Parallelism comes from tf.data running whole batches side by side (its own thread pool, sized
+# by `threads`); TF's op-level pools would only add threads that compete with them and with JAX.
+try:
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+except RuntimeError:  # TF was initialised before this package was imported
+    pass
+
 
 def _keep_freed_buffers() -> None:
     # Every tf.data element is a fresh buffer of a few MB. By default glibc maps each one anew
