@@ -27,7 +27,7 @@ TILE = 28
 AUGMENT_MAX_SHIFT = 2  # pixels, each way, per digit and axis
 # One tf.data call builds this many sequences (whole batches of them): per-call overhead, not
 # the pixels, is what limits small batches.
-_SEQUENCES_PER_CALL = 2048
+_SEQUENCES_PER_CALL = 1024
 
 # Salts that keep the independent random streams of one seed apart.
 _SET, _STREAM, _SHIFT, _EPOCH = 1, 2, 3, 4
