@@ -89,11 +89,20 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="time a fixed set of this many sequences (default: streaming, fresh sequences every step)",
     )
-    parser.add_argument("--repeats", type=flags.positive_int, default=5, help="timed repeats; the median is reported")
-    parser.add_argument("--batches", type=flags.positive_int, default=400, help="batches per timed repeat")
-    parser.add_argument("--warmup-batches", type=flags.positive_int, default=100, help="batches before timing")
     parser.add_argument(
-        "--baseline-examples", type=flags.positive_int, default=5000, help="examples per notebook-loop repeat"
+        "--repeats", type=flags.positive_int, default=5, help="timed repeats; the median is reported (default: 5)"
+    )
+    parser.add_argument(
+        "--batches", type=flags.positive_int, default=400, help="batches per timed repeat (default: 400)"
+    )
+    parser.add_argument(
+        "--warmup-batches", type=flags.positive_int, default=100, help="batches before timing (default: 100)"
+    )
+    parser.add_argument(
+        "--baseline-examples",
+        type=flags.positive_int,
+        default=5000,
+        help="examples per notebook-loop repeat (default: 5000)",
     )
     flags.add_sequence_flags(parser)
     flags.add_data_flags(parser)
