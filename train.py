@@ -1,11 +1,501 @@
-"""Trains a digit-sequence reader. Not built yet: training arrives with issue #3."""
+"""Trains a digit-sequence reader: `python train.py [--preset default|seed] [flags]`.
 
+Reads stitched sequences from `pipeline`, trains a `model.networks` preset with optax (loss: the
+softmax cross-entropies of the positions, summed), validates every epoch, and keeps in the
+workdir: config.json, metrics.jsonl, checkpoints/ (orbax), tensorboard/ and model.h5.
+
+Rerunning the same command continues from the latest checkpoint. Batch n of the pipeline and
+the dropout key of step n are pure functions of (seed, n), so a resumed run ends — on CPU —
+with parameters bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import signal
 import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tensorflow as tf
+from flax import serialization
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+import pipeline  # noqa: F401  (configures TensorFlow before anything else imports it)
+from model import keras_h5, metrics
+from model import networks as nets
+from model.checkpoints import BEST_METRIC, Checkpoints
+from pipeline import flags
+from pipeline.mnist import load_pool
+from pipeline.sequences import SequenceConfig, eval_batches, numpy_batches, train_batches
+
+PROG = "train.py"
+STREAMING_EPOCH = 60_000  # sequences per epoch when streaming
+EVAL_BATCH = 1000
+# What each preset trains with unless a flag says otherwise.
+RECIPES = {
+    "seed": {"epochs": 12, "batch_size": 128, "train_examples": 60_000, "learning_rate": 1e-3, "augment": False},
+    "default": {"epochs": 5, "batch_size": 128, "train_examples": None, "learning_rate": 1e-3, "augment": False},
+}
+# A workdir's run continues only under the same values of these.
+RESUME_KEYS = ("preset", "max_digits", "image_size", "batch_size", "train_examples", "learning_rate", "augment", "seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    preset: str = "default"
+    max_digits: int = 5
+    image_size: tuple[int, int] | None = None  # None: the preset's
+    epochs: int = 5
+    batch_size: int = 128
+    train_examples: int | None = None  # None: streaming
+    learning_rate: float = 1e-3
+    augment: bool = False
+    seed: int = 0
+    val_examples: int = 10_000
+    validate_on: str = "validation"
+    checkpoint_every: int = 200
+    max_steps: int | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return (self.train_examples or STREAMING_EPOCH) // self.batch_size
+
+    @property
+    def total_steps(self) -> int:
+        steps = self.epochs * self.steps_per_epoch
+        return steps if self.max_steps is None else min(steps, self.max_steps)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    batch_stats: dict
+    opt_state: optax.OptState
+    sums: dict  # metric sums of the running epoch
+
+
+class TrainingStopped(Exception):
+    """Training cannot go on (e.g. the loss became NaN); the message says why."""
+
+
+# --- the step ----------------------------------------------------------------------------------
+
+
+def make_optimizer(config: Config) -> optax.GradientTransformation:
+    return optax.adam(config.learning_rate)
+
+
+def train_step(
+    state: TrainState, batch: dict, *, network: nets.Network, optimizer: optax.GradientTransformation, seed: int
+) -> TrainState:
+    """One optimizer step on one global batch; pure, so jit can compile and shard it."""
+    images, labels = nets.to_input(batch["image"]), batch["labels"]
+    dropout_key = jax.random.fold_in(jax.random.key(seed), state.step)
+
+    def loss_fn(params):
+        logits, updates = network.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            images,
+            train=True,
+            rngs={"dropout": dropout_key},
+            mutable=["batch_stats"],
+        )
+        return metrics.position_losses(logits, labels).sum(axis=1).mean(), (logits, updates)
+
+    (_, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    changes, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    return state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, changes),
+        batch_stats=updates.get("batch_stats", state.batch_stats),
+        opt_state=opt_state,
+        sums=metrics.add(state.sums, metrics.counts(logits, labels)),
+    )
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+class Interrupts:
+    """Ctrl-C / SIGTERM set a flag the loop checks after each step (a second Ctrl-C aborts)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class Run:
+    """One training run in its workdir: devices, data, state, checkpoints, logs."""
+
+    def __init__(self, config: Config, workdir: Path, data_dir: str | None, mnist_dir: str | None, resume: bool):
+        self.config, self.workdir = config, workdir
+        self.preset = nets.get_preset(config.preset)
+        self.image_shape = self.preset.image_shape(config.max_digits, config.image_size)
+        self.network = nets.build(self.preset, config.max_digits)
+        self.optimizer = make_optimizer(config)
+
+        devices = jax.devices()
+        if config.batch_size % len(devices):
+            raise ValueError(f"batch size {config.batch_size} does not split over {len(devices)} devices")
+        mesh = jax.make_mesh((len(devices),), ("data",), (jax.sharding.AxisType.Auto,), devices=devices)
+        self.replicated = NamedSharding(mesh, P())
+        self.sharded = NamedSharding(mesh, P("data"))
+        self.eval_batch = math.ceil(EVAL_BATCH / len(devices)) * len(devices)
+
+        native = (28, 28 * config.max_digits)
+        resize = None if self.image_shape == native else self.image_shape
+        self.sequences = SequenceConfig(config.max_digits, resize, config.augment)
+        self.train_pool = load_pool("train", data_dir, mnist_dir)
+        self.val_pool = load_pool(config.validate_on, data_dir, mnist_dir)
+
+        self._prepare_workdir(resume)
+        self.checkpoints = Checkpoints(workdir / "checkpoints")
+        self.state = self._initial_state()
+        self.step_fn = jax.jit(
+            lambda state, batch: train_step(
+                state, batch, network=self.network, optimizer=self.optimizer, seed=config.seed
+            ),
+            in_shardings=(self.replicated, self.sharded),
+            out_shardings=self.replicated,
+            donate_argnums=0,
+            compiler_options=nets.compiler_options(),
+        )
+        self.tensorboard = tf.summary.create_file_writer(str(workdir / "tensorboard"))
+
+    # -- workdir --
+
+    def _prepare_workdir(self, resume: bool) -> None:
+        config_file = self.workdir / "config.json"
+        checkpoints = self.workdir / "checkpoints"
+        has_run = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+        if has_run and resume and config_file.is_file():
+            saved = json.loads(config_file.read_text())
+            ours = self._config_json()
+            changed = [k for k in RESUME_KEYS if saved.get(k) != ours.get(k)]
+            if changed:
+                was = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
+                raise ValueError(
+                    f"{self.workdir} holds a run trained with {was}; to continue it pass the same values, "
+                    "or start over with --no-resume (discards it), or pick another --workdir"
+                )
+        if has_run and not resume:
+            import shutil
+
+            shutil.rmtree(checkpoints)
+            for name in ("metrics.jsonl", "model.h5"):
+                (self.workdir / name).unlink(missing_ok=True)
+            shutil.rmtree(self.workdir / "tensorboard", ignore_errors=True)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(config_file, json.dumps(self._config_json(), indent=2) + "\n")
+
+    def _config_json(self) -> dict:
+        out = dataclasses.asdict(self.config)
+        out["image_size"] = list(self.image_shape)
+        out["devices"] = jax.device_count()
+        return out
+
+    def _initial_state(self) -> TrainState:
+        variables = nets.init_variables(self.network, self.image_shape, self.config.seed)
+        params, batch_stats = variables["params"], variables.get("batch_stats", {})
+        state = TrainState(
+            step=jnp.array(0, jnp.int32),
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=self.optimizer.init(params),
+            sums=metrics.zeros(self.config.max_digits),
+        )
+        state = jax.device_put(state, self.replicated)
+        step = self.checkpoints.latest_step()
+        if step is not None:
+            template = serialization.to_state_dict(state)
+            restored = self.checkpoints.restore(step, template)
+            state = serialization.from_state_dict(state, restored)
+            print(f"{PROG}: resuming {self.workdir} at step {step}", flush=True)
+        return state
+
+    # -- data --
+
+    def batches(self, start_step: int) -> Iterator[dict]:
+        config = self.config
+        stream = train_batches(
+            self.train_pool,
+            self.sequences,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            num_examples=config.train_examples,
+            start_step=start_step,
+        )
+        for batch in numpy_batches(stream):
+            yield {name: jax.make_array_from_process_local_data(self.sharded, a) for name, a in batch.items()}
+
+    def validate(self) -> dict:
+        data = eval_batches(
+            self.val_pool, self.sequences, num_examples=self.config.val_examples,
+            batch_size=self.eval_batch, seed=self.config.seed,
+        )  # fmt: skip
+        variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
+        progress = tqdm(total=self.config.val_examples, desc="validating", unit="seq", leave=False, disable=None)
+        figures = metrics.evaluate(
+            self.network, variables, numpy_batches(data), self.eval_batch, self.sharded, progress.update
+        )
+        progress.close()
+        return figures
+
+    # -- saving --
+
+    def host_variables(self) -> dict:
+        return jax.device_get({"params": self.state.params, "batch_stats": self.state.batch_stats})
+
+    def check_finite(self) -> None:
+        loss = float(np.sum(jax.device_get(self.state.sums["loss"])))
+        if not math.isfinite(loss):
+            kept = self.checkpoints.latest_step()
+            where = f"the last good checkpoint (step {kept}) is kept" if kept is not None else "no checkpoint was saved"
+            raise TrainingStopped(
+                f"the loss became {loss} by step {int(self.state.step)}; training stopped and {where} in "
+                f"{self.workdir / 'checkpoints'} (try a smaller --learning-rate)"
+            )
+
+    def save(self, val_figures: dict | None = None) -> None:
+        self.check_finite()
+        step = int(self.state.step)
+        if step in self.checkpoints.all_steps():
+            return
+        best = {BEST_METRIC: val_figures["sequence_accuracy"]} if val_figures else None
+        self.checkpoints.save(step, serialization.to_state_dict(self.state), best)
+
+    def write_model(self) -> None:
+        variables = self.host_variables()
+        keras_h5.write(self.workdir / "model.h5", self.network, self.image_shape, variables, self.preset.name)
+
+    def log_epoch(self, epoch: float, seconds: float, steps: int, train: dict, val: dict) -> None:
+        record = {"epoch": epoch, "step": int(self.state.step), "seconds": round(seconds, 3)}
+        record |= metrics.flat(train) | metrics.flat(val, "val_")
+        with open(self.workdir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        with self.tensorboard.as_default(step=record["step"]):
+            for name, value in record.items():
+                if name not in ("epoch", "step", "seconds"):
+                    tf.summary.scalar(name, value)
+        self.tensorboard.flush()
+        per_step = seconds / max(steps, 1) * 1000
+        line = f"{seconds:.0f}s {per_step:.0f}ms/step - {metrics.keras_line(train)} - {metrics.keras_line(val, 'val_')}"
+        print(line, flush=True)
+
+    # -- training --
+
+    def train(self) -> int:
+        """Trains to the end (or an interrupt); returns the process exit status."""
+        config = self.config
+        step = int(self.state.step)
+        total = config.total_steps
+        if step >= total:
+            print(f"{PROG}: {self.workdir} is already trained to step {step}; nothing to do", flush=True)
+            if not (self.workdir / "model.h5").is_file():
+                self.write_model()
+            return 0
+        interrupts = Interrupts()
+        batches = self.batches(step)
+        try:
+            while step < total:
+                epoch = step // config.steps_per_epoch
+                epoch_end = min((epoch + 1) * config.steps_per_epoch, total)
+                print(f"Epoch {epoch + 1}/{config.epochs}", flush=True)
+                bar = _progress(config.steps_per_epoch, step - epoch * config.steps_per_epoch)
+                started, first = time.perf_counter(), step
+                while step < epoch_end:
+                    self.state = self.step_fn(self.state, next(batches))
+                    step += 1
+                    bar.advance(step - epoch * config.steps_per_epoch, self.state)
+                    if interrupts.signal is not None:
+                        bar.close()
+                        self.save()
+                        name = signal.Signals(interrupts.signal).name
+                        print(f"{PROG}: {name}: saved step {step} in {self.workdir / 'checkpoints'}; "
+                              "rerun the same command to continue", file=sys.stderr, flush=True)  # fmt: skip
+                        return 128 + interrupts.signal
+                    if step % config.checkpoint_every == 0 and step < epoch_end:
+                        self.save()
+                bar.close()
+                self.check_finite()
+                train_figures = metrics.summarize(self.state.sums)
+                val_figures = self.validate()
+                seconds = time.perf_counter() - started
+                fraction = (step - epoch * config.steps_per_epoch) / config.steps_per_epoch
+                self.log_epoch(round(epoch + fraction, 4), seconds, step - first, train_figures, val_figures)
+                self.save(val_figures)
+                self.write_model()
+                if step == epoch_end and step % config.steps_per_epoch == 0:
+                    fresh = jax.device_put(metrics.zeros(config.max_digits), self.replicated)
+                    self.state = self.state.replace(sums=fresh)
+        finally:
+            interrupts.restore()
+        print(f"{PROG}: done at step {step}; model: {self.workdir / 'model.h5'}", flush=True)
+        return 0
+
+
+class _progress:
+    """A tqdm bar on a terminal; otherwise a plain line at every tenth of the epoch."""
+
+    def __init__(self, total: int, done: int):
+        self.total, self.done = total, done
+        self.bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True) if sys.stdout.isatty() else None
+        self.started, self.last_fetch = time.perf_counter(), 0.0
+
+    def advance(self, done: int, state: TrainState) -> None:
+        now = time.perf_counter()
+        tenth = max(1, self.total // 10)
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            if now - self.last_fetch > 0.5:  # fetching the loss waits for the step: not every step
+                self.last_fetch = now
+                self.bar.set_postfix(loss=f"{_running_loss(state):.4f}", refresh=False)
+        elif done % tenth == 0 or done == self.total:
+            rate = (done - self.done) / max(now - self.started, 1e-9)
+            print(f"  {done}/{self.total} - {rate:.1f} steps/s - loss: {_running_loss(state):.4f}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _running_loss(state: TrainState) -> float:
+    sums = jax.device_get(state.sums)
+    return float(np.sum(sums["loss"]) / max(float(sums["examples"]), 1.0))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train a digit-sequence reader and keep everything in its workdir "
+        "(config.json, metrics.jsonl, checkpoints/, tensorboard/, model.h5). Rerunning the same "
+        "command resumes. Flags left out take the preset's recipe, shown in brackets.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--preset", default="default", choices=list(nets.PRESETS),
+        help="network and recipe: " + "; ".join(f"{p.name}: {p.summary}" for p in nets.PRESETS.values()),
+    )  # fmt: skip
+    recipe = ", ".join(f"{name}: {r}" for name, r in RECIPES.items())
+    parser.add_argument("--epochs", type=flags.positive_int, help=f"epochs to train [recipe: {recipe}]")
+    parser.add_argument("--batch-size", type=flags.positive_int, help="global batch size [recipe]")
+    data = parser.add_mutually_exclusive_group()
+    data.add_argument(
+        "--train-examples", type=flags.positive_int,
+        help="train on a fixed set of this many sequences, reshuffled every epoch [recipe]",
+    )  # fmt: skip
+    data.add_argument(
+        "--streaming", action="store_true",
+        help=f"fresh sequences every step; an epoch is then {STREAMING_EPOCH:,} sequences [recipe]",
+    )  # fmt: skip
+    parser.add_argument("--learning-rate", type=float, help="Adam learning rate [recipe]")
+    parser.add_argument(
+        "--augment", action=argparse.BooleanOptionalAction, help="shift each digit by up to ±2 px [recipe]"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seeds the data, the initial weights and dropout")
+    parser.add_argument("--workdir", type=Path, help="where the run lives (default: runs/<preset>)")
+    parser.add_argument(
+        "--max-steps", type=flags.positive_int, help="stop after this many steps in all (e.g. for a quick check)"
+    )
+    parser.add_argument(
+        "--resume", action=argparse.BooleanOptionalAction, default=True,
+        help="continue the workdir's run; --no-resume discards its checkpoints, metrics and model.h5 and starts over",
+    )  # fmt: skip
+    parser.add_argument(
+        "--validate-on", choices=["validation", "test"], default="validation",
+        help="digits of the per-epoch validation sequences: held-out train digits, or MNIST test "
+        "(the notebook's choice; then test figures are no longer untouched)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--val-examples", type=flags.positive_int, default=10_000, help="validation sequences per epoch"
+    )
+    parser.add_argument(
+        "--checkpoint-every", type=flags.positive_int, default=200,
+        help="steps between periodic checkpoints (also saved at every epoch end and on Ctrl-C/SIGTERM)",
+    )  # fmt: skip
+    flags.add_data_flags(parser)
+    flags.add_sequence_flags(parser)
+    return parser.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    recipe = RECIPES[args.preset]
+    train_examples = None if args.streaming else (args.train_examples or recipe["train_examples"])
+
+    def pick(name):
+        value = getattr(args, name)
+        return recipe[name] if value is None else value
+
+    config = Config(
+        preset=args.preset,
+        max_digits=args.max_digits,
+        image_size=args.image_size,
+        epochs=pick("epochs"),
+        batch_size=pick("batch_size"),
+        train_examples=train_examples,
+        learning_rate=pick("learning_rate"),
+        augment=pick("augment"),
+        seed=args.seed,
+        val_examples=args.val_examples,
+        validate_on=args.validate_on,
+        checkpoint_every=args.checkpoint_every,
+        max_steps=args.max_steps,
+    )
+    if not config.learning_rate > 0:
+        raise ValueError(f"--learning-rate must be positive, not {config.learning_rate}")
+    if train_examples is not None and train_examples < config.batch_size:
+        raise ValueError(f"--train-examples {train_examples} cannot fill one batch of {config.batch_size}")
+    return config
+
+
+def train_and_evaluate(
+    config: Config, workdir: Path, data_dir: str | None = None, mnist_dir: str | None = None, resume: bool = True
+) -> int:
+    return Run(config, workdir, data_dir, mnist_dir, resume).train()
+
+
+def main() -> None:
+    args = parse_args()
+    config = config_from_args(args)
+    workdir = args.workdir or Path("runs") / config.preset
+    try:
+        status = train_and_evaluate(config, workdir, args.data_dir, args.mnist_dir, args.resume)
+    except TrainingStopped as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(status)
+
 
 if __name__ == "__main__":
-    print(
-        "train.py: training is not built yet (it arrives with the training issue); this build has the data "
-        "pipeline: python -m pipeline.export --help, python -m pipeline.benchmark --help",
-        file=sys.stderr,
-    )
-    sys.exit(1)
+    flags.run(main, PROG)

@@ -1,0 +1,272 @@
+"""model.h5 both ways: Flax variables → the Keras HDF5 model layout (h5py only), and back.
+
+The file is what `keras.Model.save("model.h5")` writes (Keras 3): a root attribute
+`model_config` (the functional model as JSON), `keras_version`, `backend`, and a group
+`model_weights` with one sub-group per layer, in layer order, each naming its weights. So
+`keras.models.load_model("model.h5")` rebuilds the network: input float32 [N, H, W, 1] in [0, 1],
+outputs the per-position softmax arrays `position_1` … `position_K`, in order.
+
+A root attribute `digitseq` (JSON: layer specs, positions, image shape, preset) lets the project
+rebuild the same Flax network without Keras, whatever the presets look like by then.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import h5py
+import jax
+import numpy as np
+
+from model import networks as nets
+
+KERAS_VERSION = "3.15.1"  # the layout written; Keras 3 reads it
+FORMAT = 1
+# Flax leaf → Keras weight name, for batch-norm layers (others use the same names)
+_BATCH_NORM_NAMES = {"scale": "gamma", "bias": "beta", "mean": "moving_mean", "var": "moving_variance"}
+
+
+class ModelFileError(ValueError):
+    """A model.h5 that cannot be read, with a sentence saying why."""
+
+
+# --- layer specs as JSON -----------------------------------------------------------------------
+
+_SPEC_TYPES = {cls.__name__: cls for cls in nets.Layer.__args__}
+
+
+def _spec_to_json(layer: nets.Layer) -> dict:
+    return {"type": type(layer).__name__, **dataclasses.asdict(layer)}
+
+
+def _spec_from_json(entry: dict) -> nets.Layer:
+    fields = dict(entry)
+    return _SPEC_TYPES[fields.pop("type")](**fields)
+
+
+# --- Keras model config --------------------------------------------------------------------------
+
+
+class _Graph:
+    """Keras functional-model layer configs, built one layer at a time from a current tensor."""
+
+    def __init__(self, image_shape: tuple[int, int]):
+        self.shapes: dict[str, tuple[int, ...]] = {"image": (*image_shape, 1)}  # per layer, batch dim left out
+        self.weights: dict[str, list[tuple[str, np.ndarray]]] = {}
+        self.tensor = "image"
+        self.layers: list[dict] = [
+            {
+                "class_name": "InputLayer",
+                "name": "image",
+                "config": {"name": "image", "batch_shape": [None, *self.shapes["image"]], "dtype": "float32"},
+                "inbound_nodes": [],
+            }
+        ]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.shapes[self.tensor]
+
+    def add(self, class_name: str, base: str, config: dict, shape: tuple, source: str | None = None, weights=()) -> str:
+        """Appends a layer reading `source` (default: the current tensor); returns its unique name."""
+        name, n = base, 1
+        while name in self.shapes:
+            n += 1
+            name = f"{base}_{n}"
+        source = source or self.tensor
+        history = {"shape": [None, *self.shapes[source]], "dtype": "float32", "keras_history": [source, 0, 0]}
+        self.layers.append(
+            {
+                "class_name": class_name,
+                "name": name,
+                "config": {"name": name, "trainable": True, "dtype": "float32", **config},
+                "inbound_nodes": [{"args": [{"class_name": "__keras_tensor__", "config": history}], "kwargs": {}}],
+            }
+        )
+        self.shapes[name] = tuple(shape)
+        self.weights[name] = [(f"{name}/{w}", np.asarray(v, np.float32)) for w, v in weights]
+        return name
+
+
+def _keras_graph(layers, positions: int, image_shape: tuple[int, int], variables: dict) -> tuple[_Graph, list[str]]:
+    params = variables["params"]
+    stats = variables.get("batch_stats", {})
+    graph = _Graph(image_shape)
+
+    def step(class_name, base, config, shape, weights=()):
+        graph.tensor = graph.add(class_name, base, config, shape, weights=weights)
+
+    outputs: list[str] = []
+    for layer in layers:
+        if isinstance(layer, nets.Conv):
+            p = params[layer.name]
+            height, width, _ = graph.shape
+            if layer.padding == "valid":
+                height, width = height - layer.kernel + 1, width - layer.kernel + 1
+            weights = [("kernel", p["kernel"])] + ([("bias", p["bias"])] if layer.use_bias else [])
+            config = {
+                "filters": layer.features,
+                "kernel_size": [layer.kernel, layer.kernel],
+                "strides": [1, 1],
+                "padding": layer.padding,
+                "data_format": "channels_last",
+                "activation": layer.activation or "linear",
+                "use_bias": layer.use_bias,
+            }
+            step("Conv2D", layer.name, config, (height, width, layer.features), weights)
+        elif isinstance(layer, nets.BatchNorm):
+            p, s = params[layer.name], stats[layer.name]
+            weights = [("gamma", p["scale"]), ("beta", p["bias"]), ("moving_mean", s["mean"]),
+                       ("moving_variance", s["var"])]  # fmt: skip
+            config = {"axis": -1, "momentum": layer.momentum, "epsilon": layer.epsilon, "center": True, "scale": True}
+            step("BatchNormalization", layer.name, config, graph.shape, weights)
+        elif isinstance(layer, nets.Relu):
+            step("Activation", "relu", {"activation": "relu"}, graph.shape)
+        elif isinstance(layer, nets.MaxPool):
+            height, width, channels = graph.shape
+            config = {"pool_size": [layer.size] * 2, "strides": [layer.size] * 2, "padding": "valid",
+                      "data_format": "channels_last"}  # fmt: skip
+            step("MaxPooling2D", "max_pooling2d", config, (height // layer.size, width // layer.size, channels))
+        elif isinstance(layer, nets.Dropout):
+            step("Dropout", "dropout", {"rate": layer.rate}, graph.shape)
+        elif isinstance(layer, nets.Flatten):
+            step("Flatten", "flatten", {"data_format": "channels_last"}, (int(np.prod(graph.shape)),))
+        elif isinstance(layer, nets.Cells):
+            height, width, channels = graph.shape
+            columns = width // positions
+            step("Reshape", "split_columns", {"target_shape": [height, positions, columns, channels]},
+                 (height, positions, columns, channels))  # fmt: skip
+            step("Permute", "cells_first", {"dims": [2, 1, 3, 4]}, (positions, height, columns, channels))
+            step("Reshape", "cells", {"target_shape": [positions, height * columns * channels]},
+                 (positions, height * columns * channels))  # fmt: skip
+        elif isinstance(layer, nets.Dense):
+            p = params[layer.name]
+            config = {"units": layer.units, "activation": layer.activation or "linear", "use_bias": True}
+            step("Dense", layer.name, config, (*graph.shape[:-1], layer.units),
+                 [("kernel", p["kernel"]), ("bias", p["bias"])])  # fmt: skip
+        elif isinstance(layer, nets.Heads):
+            softmax = {"units": nets.NUM_CLASSES, "activation": "softmax", "use_bias": True}
+            if len(graph.shape) == 1:  # one Dense per position
+                source = graph.tensor
+                for k in range(positions):
+                    p = params[f"position_{k + 1}"]
+                    outputs.append(
+                        graph.add(
+                            "Dense",
+                            f"position_{k + 1}",
+                            softmax,
+                            (nets.NUM_CLASSES,),
+                            source=source,
+                            weights=[("kernel", p["kernel"]), ("bias", p["bias"])],
+                        )  # fmt: skip
+                    )
+            else:  # one Dense shared by the cells, then one output per position
+                p = params["classifier"]
+                config = {"units": nets.NUM_CLASSES, "activation": "linear", "use_bias": True}
+                step("Dense", "classifier", config, (positions, nets.NUM_CLASSES),
+                     [("kernel", p["kernel"]), ("bias", p["bias"])])  # fmt: skip
+                logits = graph.tensor
+                for k in range(positions):
+                    crop = graph.add("Cropping1D", f"crop_{k + 1}", {"cropping": [k, positions - 1 - k]},
+                                     (1, nets.NUM_CLASSES), source=logits)  # fmt: skip
+                    flat = graph.add("Flatten", f"logits_{k + 1}", {"data_format": "channels_last"},
+                                     (nets.NUM_CLASSES,), source=crop)  # fmt: skip
+                    outputs.append(
+                        graph.add("Softmax", f"position_{k + 1}", {"axis": -1}, (nets.NUM_CLASSES,), source=flat)
+                    )
+    return graph, outputs
+
+
+# --- files -------------------------------------------------------------------------------------
+
+
+def _strings(values: list[str]) -> np.ndarray:
+    return np.array(values, dtype=h5py.string_dtype())
+
+
+def write(path: str | Path, network: nets.Network, image_shape: tuple[int, int], variables: dict, preset: str) -> None:
+    """Writes model.h5 atomically: a failed write leaves any previous file as it was."""
+    path = Path(path)
+    graph, outputs = _keras_graph(network.layers, network.positions, image_shape, variables)
+    model_config = {
+        "class_name": "Functional",
+        "config": {
+            "name": f"digitseq_{preset}",
+            "trainable": True,
+            "layers": graph.layers,
+            "input_layers": ["image", 0, 0],
+            "output_layers": [[name, 0, 0] for name in outputs],
+        },
+    }
+    description = {
+        "format": FORMAT,
+        "preset": preset,
+        "positions": network.positions,
+        "image_shape": list(image_shape),
+        "layers": [_spec_to_json(layer) for layer in network.layers],
+    }
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with h5py.File(partial, "w") as file:
+            file.attrs["model_config"] = json.dumps(model_config)
+            file.attrs["keras_version"] = KERAS_VERSION
+            file.attrs["backend"] = "tensorflow"
+            file.attrs["digitseq"] = json.dumps(description)
+            weights = file.create_group("model_weights")
+            weights.attrs["layer_names"] = _strings([layer["name"] for layer in graph.layers])
+            weights.attrs["keras_version"] = KERAS_VERSION
+            weights.attrs["backend"] = "tensorflow"
+            for layer in graph.layers:
+                group = weights.create_group(layer["name"])
+                named = graph.weights.get(layer["name"], [])
+                group.attrs["weight_names"] = _strings([name for name, _ in named])
+                for name, value in named:
+                    group.create_dataset(name, data=value)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def read(path: str | Path) -> tuple[nets.Network, tuple[int, int], dict, str]:
+    """model.h5 → (Flax network, image shape, variables, preset name). Raises ModelFileError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path} does not exist (or is not a file)")
+    try:
+        file = h5py.File(path, "r")
+    except OSError:
+        raise ModelFileError(f"{path} is not a readable HDF5 file (truncated, or not a model.h5)") from None
+    with file:
+        if "digitseq" not in file.attrs:
+            raise ModelFileError(f"{path} was not written by digitseq (it lacks the 'digitseq' description)")
+        try:
+            description = json.loads(file.attrs["digitseq"])
+            layers = tuple(_spec_from_json(entry) for entry in description["layers"])
+            network = nets.Network(layers=layers, positions=int(description["positions"]))
+            image_shape = tuple(int(s) for s in description["image_shape"])
+            preset = str(description["preset"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ModelFileError(f"{path} has an unreadable digitseq description ({error})") from None
+        expected = jax.eval_shape(lambda: nets.init_variables(network, image_shape, 0))
+        batch_norms = {layer.name for layer in layers if isinstance(layer, nets.BatchNorm)}
+        variables: dict = {collection: {} for collection in expected}
+        try:
+            weights = file["model_weights"]
+            for collection, by_layer in expected.items():
+                for layer_name, leaves in by_layer.items():
+                    group = weights[layer_name][layer_name]
+                    renamed = _BATCH_NORM_NAMES if layer_name in batch_norms else {}
+                    variables[collection][layer_name] = {leaf: group[renamed.get(leaf, leaf)][()] for leaf in leaves}
+        except (KeyError, OSError) as error:
+            raise ModelFileError(f"{path} is damaged: its weights cannot be read ({error})") from None
+    for collection, by_layer in expected.items():
+        for layer_name, leaves in by_layer.items():
+            for leaf, want in leaves.items():
+                got = variables[collection][layer_name][leaf].shape
+                if got != want.shape:
+                    raise ModelFileError(f"{path}: {layer_name}/{leaf} has shape {got}; the network needs {want.shape}")
+    return network, image_shape, variables, preset

@@ -1,0 +1,286 @@
+"""The networks: one list of layer specs per preset, read by Flax (here) and by Keras (keras_h5.py).
+
+A network maps images, float32 in [0, 1] with shape [B, H, W, 1], to logits [B, positions, 11]:
+one 11-way classifier per position (digit 0–9, or 10 for blank). Writing the layers once as
+plain specs keeps the Flax module and the Keras model.h5 the same network by construction.
+
+Two choices make the CPU train step fast without changing the maths (see model/benchmark.py):
+2×2 max-pooling is the maximum of four strided slices (XLA's generic reduce-window gradient is
+~8× slower on CPU), and dropout draws one byte per unit (four per 32-bit random word) instead of
+a 32-bit float — exact for rates that are multiples of 1/256, such as 0.25 and 0.5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+NUM_CLASSES = 11  # digits 0–9 and blank
+_GLOROT = nn.initializers.glorot_uniform()  # Keras's default kernel initializer, as in the notebook
+
+
+# --- layer specs -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+    name: str
+    features: int
+    kernel: int = 3
+    padding: str = "same"  # or "valid"
+    use_bias: bool = True
+    activation: str | None = "relu"
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNorm:
+    name: str
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class Relu:
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class MaxPool:
+    size: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Dropout:
+    rate: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Flatten:
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Cells:
+    """[B, H, W, C] → [B, positions, H·(W/positions)·C]: the feature columns under each position."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    name: str
+    units: int
+    activation: str | None = "relu"
+
+
+@dataclasses.dataclass(frozen=True)
+class Heads:
+    """The per-position classifiers.
+
+    On a vector [B, D]: one Dense layer per position, `position_1` … `position_K` (the notebook's
+    five heads). On cells [B, K, D]: one Dense layer `classifier` shared by every position.
+    """
+
+
+Layer = Conv | BatchNorm | Relu | MaxPool | Dropout | Flatten | Cells | Dense | Heads
+
+
+# --- presets -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    name: str
+    summary: str
+    image_size: tuple[int, int] | None  # None: native 28 × 28·positions
+    layers: tuple[Layer, ...]
+
+    def image_shape(self, positions: int, image_size: tuple[int, int] | None = None) -> tuple[int, int]:
+        """The (height, width) this network reads, checked; image_size overrides the preset's."""
+        height, width = image_size or self.image_size or (28, 28 * positions)
+        pools = sum(isinstance(layer, MaxPool) for layer in self.layers)
+        if any(isinstance(layer, Cells) for layer in self.layers):
+            cell = 2**pools * positions
+            if height % 2**pools or width % cell:
+                raise ValueError(
+                    f"the {self.name} preset reads images whose width divides into {positions} equal "
+                    f"columns after {pools} poolings; {height}x{width} does not (use the native size)"
+                )
+        elif min(height, width) < 2**pools + 2:
+            raise ValueError(f"{height}x{width} is too small for the {self.name} preset")
+        return height, width
+
+
+SEED = Preset(
+    name="seed",
+    summary="the 2017 notebook's CNN on 64x64 input (Conv32-Conv32-MaxPool-Dense128, five heads)",
+    image_size=(64, 64),
+    layers=(
+        Conv("conv1", 32, padding="same"),
+        Conv("conv2", 32, padding="valid"),
+        MaxPool(2),
+        Dropout(0.25),
+        Flatten(),
+        Dense("dense", 128),
+        Dropout(0.5),
+        Heads(),
+    ),
+)
+
+DEFAULT = Preset(
+    name="default",
+    summary="batch-normalised CNN on native 28x(28*digits) input; one classifier shared by the "
+    "positions, each reading the features under its own cell",
+    image_size=None,
+    layers=(
+        Conv("conv1", 32, use_bias=False, activation=None),
+        BatchNorm("bn1"),
+        Relu(),
+        MaxPool(2),
+        Conv("conv2", 64, use_bias=False, activation=None),
+        BatchNorm("bn2"),
+        Relu(),
+        MaxPool(2),
+        Conv("conv3", 64, use_bias=False, activation=None),
+        BatchNorm("bn3"),
+        Relu(),
+        Cells(),
+        Dense("dense", 128),
+        Dropout(0.25),
+        Heads(),
+    ),
+)
+
+PRESETS: dict[str, Preset] = {preset.name: preset for preset in (DEFAULT, SEED)}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+# --- Flax --------------------------------------------------------------------------------------
+
+
+def max_pool(x: jax.Array, size: int) -> jax.Array:
+    """size×size max-pooling, stride size, as the maximum of size² strided slices (floor at the edge).
+
+    Same values as nn.max_pool; its gradient is an elementwise select, which XLA runs ~8× faster
+    on CPU than the select-and-scatter of reduce_window. (On exact ties inside a window the
+    gradient is shared instead of given to the first maximum; after a ReLU ties are zeros.)
+    """
+    height, width = x.shape[1] // size * size, x.shape[2] // size * size
+    slices = [x[:, i:height:size, j:width:size] for i in range(size) for j in range(size)]
+    out = slices[0]
+    for other in slices[1:]:
+        out = jnp.maximum(out, other)
+    return out
+
+
+def dropout_mask(key: jax.Array, shape: Sequence[int], rate: float) -> jax.Array:
+    """Keep-mask with P(keep) = round((1-rate)·256)/256, from one random byte per unit."""
+    keep_below = round((1.0 - rate) * 256)
+    batch, units = shape[0], math.prod(shape[1:])
+    words = jax.random.bits(key, (batch, -(-units // 4)), jnp.uint32)
+    random_bytes = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(batch, -1)[:, :units]
+    return (random_bytes < keep_below).reshape(shape)
+
+
+class ByteDropout(nn.Module):
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if not train or self.rate == 0:
+            return x
+        keep = round((1.0 - self.rate) * 256) / 256
+        mask = dropout_mask(self.make_rng("dropout"), x.shape, self.rate)
+        return jnp.where(mask, x / keep, 0.0)
+
+
+def _activation(name: str | None) -> Callable[[jax.Array], jax.Array]:
+    return {None: lambda x: x, "relu": nn.relu}[name]
+
+
+class Network(nn.Module):
+    """Images float32 [B, H, W, 1] in [0, 1] → logits [B, positions, 11]."""
+
+    layers: tuple[Layer, ...]
+    positions: int = 5
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        x = images
+        for layer in self.layers:
+            if isinstance(layer, Conv):
+                conv = nn.Conv(
+                    layer.features,
+                    (layer.kernel, layer.kernel),
+                    padding=layer.padding.upper(),
+                    use_bias=layer.use_bias,
+                    kernel_init=_GLOROT,
+                    name=layer.name,
+                )
+                x = _activation(layer.activation)(conv(x))
+            elif isinstance(layer, BatchNorm):
+                x = nn.BatchNorm(
+                    use_running_average=not train, momentum=layer.momentum, epsilon=layer.epsilon, name=layer.name
+                )(x)
+            elif isinstance(layer, Relu):
+                x = nn.relu(x)
+            elif isinstance(layer, MaxPool):
+                x = max_pool(x, layer.size)
+            elif isinstance(layer, Dropout):
+                x = ByteDropout(layer.rate)(x, train)
+            elif isinstance(layer, Flatten):
+                x = x.reshape(x.shape[0], -1)
+            elif isinstance(layer, Cells):
+                batch, height, width, channels = x.shape
+                x = x.reshape(batch, height, self.positions, width // self.positions, channels)
+                x = x.transpose(0, 2, 1, 3, 4).reshape(batch, self.positions, -1)
+            elif isinstance(layer, Dense):
+                dense = nn.Dense(layer.units, kernel_init=_GLOROT, name=layer.name)
+                x = _activation(layer.activation)(dense(x))
+            elif isinstance(layer, Heads):
+                if x.ndim == 2:
+                    heads = [
+                        nn.Dense(NUM_CLASSES, kernel_init=_GLOROT, name=f"position_{k + 1}")(x)
+                        for k in range(self.positions)
+                    ]
+                    x = jnp.stack(heads, axis=1)
+                else:
+                    x = nn.Dense(NUM_CLASSES, kernel_init=_GLOROT, name="classifier")(x)
+            else:
+                raise TypeError(f"unknown layer spec {layer!r}")
+        return x
+
+
+def build(preset: Preset, positions: int) -> Network:
+    return Network(layers=preset.layers, positions=positions)
+
+
+def init_variables(network: Network, image_shape: tuple[int, int], seed: int) -> dict:
+    """Parameters (and batch-norm statistics) of a fresh network, a pure function of the seed."""
+    images = jnp.zeros((1, *image_shape, 1), jnp.float32)
+    return dict(network.init(jax.random.key(seed), images, train=False))
+
+
+def to_input(images: jax.Array) -> jax.Array:
+    """Pipeline images (uint8, 0–255) → the network's input (float32, 0–1)."""
+    return images.astype(jnp.float32) / 255.0
+
+
+def compiler_options() -> dict[str, str]:
+    """XLA options for jitting this module's networks on the current backend.
+
+    On CPU, XLA (jax 0.10) routes VALID convolutions and some dots to its YNNPACK fusions, which
+    run the notebook's Conv32→Conv32 ~7× slower here than XLA's Eigen convolutions; turning those
+    fusions off is worth ~3× on the whole train step. Other backends get no options.
+    """
+    if jax.default_backend() == "cpu":
+        return {"xla_cpu_experimental_ynn_fusion_type": ""}
+    return {}
