@@ -11,6 +11,10 @@ with parameters bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
+# isort: off
+import pipeline  # noqa: F401  (first: configures TensorFlow's logging and threads before it loads)
+
+# isort: on
 import argparse
 import dataclasses
 import json
@@ -21,9 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import flax.struct
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import tensorflow as tf
@@ -32,8 +34,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-import pipeline  # noqa: F401  (configures TensorFlow before anything else imports it)
-from model import keras_h5, metrics
+from model import keras_h5, metrics, training
 from model import networks as nets
 from model.checkpoints import BEST_METRIC, Checkpoints
 from pipeline import flags
@@ -78,52 +79,12 @@ class Config:
         return steps if self.max_steps is None else min(steps, self.max_steps)
 
 
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: dict
-    batch_stats: dict
-    opt_state: optax.OptState
-    sums: dict  # metric sums of the running epoch
-
-
-class TrainingStopped(Exception):
-    """Training cannot go on (e.g. the loss became NaN); the message says why."""
-
-
-# --- the step ----------------------------------------------------------------------------------
-
-
 def make_optimizer(config: Config) -> optax.GradientTransformation:
     return optax.adam(config.learning_rate)
 
 
-def train_step(
-    state: TrainState, batch: dict, *, network: nets.Network, optimizer: optax.GradientTransformation, seed: int
-) -> TrainState:
-    """One optimizer step on one global batch; pure, so jit can compile and shard it."""
-    images, labels = nets.to_input(batch["image"]), batch["labels"]
-    dropout_key = jax.random.fold_in(jax.random.key(seed), state.step)
-
-    def loss_fn(params):
-        logits, updates = network.apply(
-            {"params": params, "batch_stats": state.batch_stats},
-            images,
-            train=True,
-            rngs={"dropout": dropout_key},
-            mutable=["batch_stats"],
-        )
-        return metrics.position_losses(logits, labels).sum(axis=1).mean(), (logits, updates)
-
-    (_, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    changes, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    return state.replace(
-        step=state.step + 1,
-        params=optax.apply_updates(state.params, changes),
-        batch_stats=updates.get("batch_stats", state.batch_stats),
-        opt_state=opt_state,
-        sums=metrics.add(state.sums, metrics.counts(logits, labels)),
-    )
+class TrainingStopped(Exception):
+    """Training cannot go on (e.g. the loss became NaN); the message says why."""
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -167,21 +128,15 @@ class Run:
         native = (28, 28 * config.max_digits)
         resize = None if self.image_shape == native else self.image_shape
         self.sequences = SequenceConfig(config.max_digits, resize, config.augment)
+        self._prepare_workdir(resume)
         self.train_pool = load_pool("train", data_dir, mnist_dir)
         self.val_pool = load_pool(config.validate_on, data_dir, mnist_dir)
-
-        self._prepare_workdir(resume)
         self.checkpoints = Checkpoints(workdir / "checkpoints")
         self.state = self._initial_state()
-        self.step_fn = jax.jit(
-            lambda state, batch: train_step(
-                state, batch, network=self.network, optimizer=self.optimizer, seed=config.seed
-            ),
-            in_shardings=(self.replicated, self.sharded),
-            out_shardings=self.replicated,
-            donate_argnums=0,
-            compiler_options=nets.compiler_options(),
-        )
+        self.step_fn = training.jit_train_step(
+            self.network, self.optimizer, config.seed,
+            in_shardings=(self.replicated, self.sharded), out_shardings=self.replicated,
+        )  # fmt: skip
         self.tensorboard = tf.summary.create_file_writer(str(workdir / "tensorboard"))
 
     # -- workdir --
@@ -216,16 +171,9 @@ class Run:
         out["devices"] = jax.device_count()
         return out
 
-    def _initial_state(self) -> TrainState:
+    def _initial_state(self) -> training.TrainState:
         variables = nets.init_variables(self.network, self.image_shape, self.config.seed)
-        params, batch_stats = variables["params"], variables.get("batch_stats", {})
-        state = TrainState(
-            step=jnp.array(0, jnp.int32),
-            params=params,
-            batch_stats=batch_stats,
-            opt_state=self.optimizer.init(params),
-            sums=metrics.zeros(self.config.max_digits),
-        )
+        state = training.create_state(variables, self.optimizer, self.config.max_digits)
         state = jax.device_put(state, self.replicated)
         step = self.checkpoints.latest_step()
         if step is not None:
@@ -255,7 +203,7 @@ class Run:
             self.val_pool, self.sequences, num_examples=self.config.val_examples,
             batch_size=self.eval_batch, seed=self.config.seed,
         )  # fmt: skip
-        variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
+        variables = self.state.variables
         progress = tqdm(total=self.config.val_examples, desc="validating", unit="seq", leave=False, disable=None)
         figures = metrics.evaluate(
             self.network, variables, numpy_batches(data), self.eval_batch, self.sharded, progress.update
@@ -266,7 +214,7 @@ class Run:
     # -- saving --
 
     def host_variables(self) -> dict:
-        return jax.device_get({"params": self.state.params, "batch_stats": self.state.batch_stats})
+        return jax.device_get(self.state.variables)
 
     def check_finite(self) -> None:
         loss = float(np.sum(jax.device_get(self.state.sums["loss"])))
@@ -364,7 +312,7 @@ class _progress:
         self.bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True) if sys.stdout.isatty() else None
         self.started, self.last_fetch = time.perf_counter(), 0.0
 
-    def advance(self, done: int, state: TrainState) -> None:
+    def advance(self, done: int, state: training.TrainState) -> None:
         now = time.perf_counter()
         tenth = max(1, self.total // 10)
         if self.bar is not None:
@@ -381,7 +329,7 @@ class _progress:
             self.bar.close()
 
 
-def _running_loss(state: TrainState) -> float:
+def _running_loss(state: training.TrainState) -> float:
     sums = jax.device_get(state.sums)
     return float(np.sum(sums["loss"]) / max(float(sums["examples"]), 1.0))
 

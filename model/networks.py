@@ -266,7 +266,8 @@ def build(preset: Preset, positions: int) -> Network:
 def init_variables(network: Network, image_shape: tuple[int, int], seed: int) -> dict:
     """Parameters (and batch-norm statistics) of a fresh network, a pure function of the seed."""
     images = jnp.zeros((1, *image_shape, 1), jnp.float32)
-    return dict(network.init(jax.random.key(seed), images, train=False))
+    init = jax.jit(network.init, static_argnames="train")  # eager init runs every conv op by op: slow
+    return dict(init(jax.random.key(seed), images, train=False))
 
 
 def to_input(images: jax.Array) -> jax.Array:

@@ -1,0 +1,77 @@
+"""The train step: pure, so `jax.jit` compiles it once and shards it over a device mesh.
+
+Loss: the softmax cross-entropies of the positions, summed, averaged over the batch (the
+notebook's five categorical cross-entropies). The dropout key of step n is fold_in(seed, n):
+like the data, a pure function of the step, which is what makes resumed runs exact.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from model import metrics
+from model import networks as nets
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    batch_stats: dict
+    opt_state: optax.OptState
+    sums: dict  # metric sums (model.metrics.counts) of the running epoch
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def create_state(variables: dict, optimizer: optax.GradientTransformation, positions: int) -> TrainState:
+    params = variables["params"]
+    return TrainState(
+        step=jnp.array(0, jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=optimizer.init(params),
+        sums=metrics.zeros(positions),
+    )
+
+
+def train_step(
+    state: TrainState, batch: dict, *, network: nets.Network, optimizer: optax.GradientTransformation, seed: int
+) -> TrainState:
+    """One optimizer step on one global batch {"image": uint8 [B, H, W, 1], "labels": int32 [B, K]}."""
+    images, labels = nets.to_input(batch["image"]), batch["labels"]
+    dropout_key = jax.random.fold_in(jax.random.key(seed), state.step)
+
+    def loss_fn(params):
+        logits, updates = network.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            images,
+            train=True,
+            rngs={"dropout": dropout_key},
+            mutable=["batch_stats"],
+        )
+        return metrics.position_losses(logits, labels).sum(axis=1).mean(), (logits, updates)
+
+    (_, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    changes, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    return state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, changes),
+        batch_stats=updates.get("batch_stats", state.batch_stats),
+        opt_state=opt_state,
+        sums=metrics.add(state.sums, metrics.counts(logits, labels)),
+    )
+
+
+def jit_train_step(network: nets.Network, optimizer: optax.GradientTransformation, seed: int, **jit_kwargs):
+    """train_step with the network, optimizer and seed bound, jitted (state donated)."""
+
+    def step(state: TrainState, batch: dict) -> TrainState:
+        return train_step(state, batch, network=network, optimizer=optimizer, seed=seed)
+
+    return jax.jit(step, donate_argnums=0, compiler_options=nets.compiler_options(), **jit_kwargs)

@@ -1,0 +1,142 @@
+"""model/: the networks' pieces, the metrics on hand-computed cases, model.h5 read by Keras itself."""
+
+from __future__ import annotations
+
+import os
+
+import flax.linen as nn
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model import keras_h5, metrics
+from model import networks as nets
+
+B = nets.NUM_CLASSES - 1  # blank
+
+
+def test_max_pool_matches_flax_and_its_gradient():
+    x = jax.random.normal(jax.random.key(0), (3, 9, 13, 4))  # odd sizes: the edge is dropped
+    assert np.array_equal(nets.max_pool(x, 2), nn.max_pool(x, (2, 2), (2, 2)))
+    ours = jax.grad(lambda x: jnp.sum(nets.max_pool(x, 2) ** 2))(x)
+    flax_ = jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 2), (2, 2)) ** 2))(x)
+    np.testing.assert_allclose(ours, flax_, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rate", [0.25, 0.5])
+def test_dropout_keeps_the_right_share_and_scales(rate):
+    mask = nets.dropout_mask(jax.random.key(1), (400, 31, 7), rate)
+    assert mask.shape == (400, 31, 7)
+    assert abs(float(mask.mean()) - (1 - rate)) < 0.01
+    other = nets.dropout_mask(jax.random.key(2), (400, 31, 7), rate)
+    assert not np.array_equal(mask, other)
+    x = jnp.ones((64, 50))
+    out = nets.ByteDropout(rate).apply({}, x, True, rngs={"dropout": jax.random.key(3)})
+    np.testing.assert_allclose(np.unique(np.asarray(out)), [0.0, 1 / (1 - rate)], rtol=1e-6)
+    assert np.array_equal(nets.ByteDropout(rate).apply({}, x, False), x)
+
+
+def _logits(predicted: np.ndarray) -> jnp.ndarray:
+    return jax.nn.one_hot(jnp.asarray(predicted), nets.NUM_CLASSES) * 10.0
+
+
+def test_metrics_hand_computed():
+    labels = np.array([[3, 1, B], [7, B, B], [2, 2, 2], [B, B, B]])
+    predicted = np.array([[3, 1, B], [7, 4, B], [2, 2, 5], [B, B, B]])
+    figures = metrics.summarize(metrics.counts(_logits(predicted), jnp.asarray(labels)))
+    assert figures["num_examples"] == 4
+    assert figures["per_position_accuracy"] == [1.0, 0.75, 0.75]
+    assert figures["individual_accuracy"] == pytest.approx(10 / 12)
+    assert figures["digit_accuracy"] == pytest.approx(5 / 6)  # six digits, the 2 at the end is wrong
+    assert figures["sequence_accuracy"] == 0.5  # rows 0 and 3
+    assert figures["length_accuracy"] == 0.75  # only row 1 predicts a wrong length (2 for 1)
+    per_length = figures["per_length_sequence_accuracy"]
+    assert per_length["1"] == 0.0 and per_length["2"] == 1.0 and per_length["3"] == 0.0
+    confusion = np.array(figures["confusion"])
+    assert confusion.sum() == 12 and confusion[B, 4] == 1 and confusion[2, 5] == 1 and confusion[B, B] == 4
+
+
+def test_metrics_perfect_all_blank_and_masked_rows():
+    labels = np.full((3, 5), B)
+    perfect = metrics.summarize(metrics.counts(_logits(labels), jnp.asarray(labels)))
+    assert perfect["sequence_accuracy"] == 1.0 and perfect["individual_accuracy"] == 1.0
+    assert np.isnan(perfect["digit_accuracy"])  # no digits at all: undefined, not 100 %
+    wrong = np.zeros((3, 5), int)
+    masked = metrics.counts(_logits(wrong), jnp.asarray(labels), mask=jnp.array([0, 0, 0]))
+    assert float(masked["examples"]) == 0 and float(masked["correct"].sum()) == 0
+    halves = metrics.add(
+        metrics.counts(_logits(labels[:1]), jnp.asarray(labels[:1])),
+        metrics.counts(_logits(wrong[1:]), jnp.asarray(labels[1:])),
+    )
+    assert metrics.summarize(halves)["sequence_accuracy"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("preset", ["seed", "default"])
+def test_model_h5_opens_in_keras_and_matches_flax(tmp_path, preset):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    spec = nets.get_preset(preset)
+    network = nets.build(spec, 5)
+    shape = spec.image_shape(5)
+    variables = nets.init_variables(network, shape, seed=3)
+    # Moved batch-norm statistics, so that a wrong mapping of them would show.
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda a: np.asarray(a) + rng.uniform(0.1, 0.5, a.shape).astype(np.float32), variables)
+    path = tmp_path / "model.h5"
+    keras_h5.write(path, network, shape, variables, preset)
+
+    images = rng.integers(0, 256, (6, *shape, 1)).astype(np.uint8)
+    flax_probs = jax.nn.softmax(network.apply(variables, nets.to_input(images)), axis=-1)
+    model = keras.models.load_model(path)
+    assert [t.shape[1:] for t in model.inputs] == [(*shape, 1)]
+    outputs = model.predict(images.astype(np.float32) / 255.0, verbose=0)
+    assert len(outputs) == 5 and model.output_names == [f"position_{k}" for k in range(1, 6)]
+    np.testing.assert_allclose(np.stack(outputs, axis=1), flax_probs, atol=1e-5)
+
+    network_back, shape_back, variables_back, preset_back = keras_h5.read(path)
+    assert (network_back, shape_back, preset_back) == (network, shape, preset)
+    assert jax.tree.all(jax.tree.map(np.array_equal, variables_back, variables))
+
+
+def test_model_h5_bad_files_give_one_sentence(tmp_path):
+    network, shape = nets.build(nets.SEED, 5), (64, 64)
+    good = tmp_path / "model.h5"
+    keras_h5.write(good, network, shape, nets.init_variables(network, shape, 0), "seed")
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    text = tmp_path / "notes.h5"
+    text.write_text("not a model")
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = np.zeros(3)
+    cases = {
+        tmp_path / "missing.h5": "does not exist",
+        truncated: "not a readable HDF5 file",
+        text: "not a readable HDF5 file",
+        foreign: "was not written by digitseq",
+    }
+    for path, message in cases.items():
+        with pytest.raises(keras_h5.ModelFileError, match=message) as error:
+            keras_h5.read(path)
+        assert "\n" not in str(error.value)
+
+
+def test_a_failed_write_keeps_the_previous_model_h5(tmp_path):
+    network, shape = nets.build(nets.SEED, 5), (64, 64)
+    path = tmp_path / "model.h5"
+    keras_h5.write(path, network, shape, nets.init_variables(network, shape, 0), "seed")
+    before = path.read_bytes()
+    with pytest.raises(KeyError):
+        keras_h5.write(path, network, shape, {"params": {}}, "seed")  # no weights: fails mid-way
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
+def test_presets_check_the_image_size():
+    assert nets.DEFAULT.image_shape(5) == (28, 140) and nets.SEED.image_shape(3) == (64, 64)
+    with pytest.raises(ValueError, match="divides into 5 equal columns"):
+        nets.DEFAULT.image_shape(5, (64, 64))
+    with pytest.raises(ValueError, match="unknown preset 'big'"):
+        nets.get_preset("big")
