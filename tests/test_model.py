@@ -55,7 +55,7 @@ def test_metrics_hand_computed():
     per_length = figures["per_length_sequence_accuracy"]
     assert per_length["1"] == 0.0 and per_length["2"] == 1.0 and per_length["3"] == 0.0
     confusion = np.array(figures["confusion"])
-    assert confusion.sum() == 12 and confusion[B, 4] == 1 and confusion[2, 5] == 1 and confusion[B, B] == 4
+    assert confusion.sum() == 12 and confusion[B, 4] == 1 and confusion[2, 5] == 1 and confusion[B, B] == 5
 
 
 def test_metrics_perfect_all_blank_and_masked_rows():
