@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shutil
 import signal
 import sys
 import time
@@ -144,6 +145,8 @@ class Run:
     def _prepare_workdir(self, resume: bool) -> None:
         config_file = self.workdir / "config.json"
         checkpoints = self.workdir / "checkpoints"
+        if self.workdir.is_dir() and any(self.workdir.iterdir()) and not config_file.is_file():
+            raise ValueError(f"{self.workdir} is not empty and holds no digitseq run; pick a new or empty --workdir")
         has_run = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
         if has_run and resume and config_file.is_file():
             saved = json.loads(config_file.read_text())
@@ -155,10 +158,8 @@ class Run:
                     f"{self.workdir} holds a run trained with {was}; to continue it pass the same values, "
                     "or start over with --no-resume (discards it), or pick another --workdir"
                 )
-        if has_run and not resume:
-            import shutil
-
-            shutil.rmtree(checkpoints)
+        if not (has_run and resume):  # a fresh start: nothing of an earlier run may linger
+            shutil.rmtree(checkpoints, ignore_errors=True)
             for name in ("metrics.jsonl", "model.h5"):
                 (self.workdir / name).unlink(missing_ok=True)
             shutil.rmtree(self.workdir / "tensorboard", ignore_errors=True)
@@ -181,7 +182,17 @@ class Run:
             restored = self.checkpoints.restore(step, template)
             state = serialization.from_state_dict(state, restored)
             print(f"{PROG}: resuming {self.workdir} at step {step}", flush=True)
+            self._forget_metrics_after(step)
         return state
+
+    def _forget_metrics_after(self, step: int) -> None:
+        """Drops metrics.jsonl lines of steps the restored checkpoint has not seen (they will be redone)."""
+        path = self.workdir / "metrics.jsonl"
+        if path.is_file():
+            lines = path.read_text().splitlines()
+            kept = [line for line in lines if json.loads(line)["step"] <= step]
+            if len(kept) < len(lines):
+                _atomic_write(path, "".join(line + "\n" for line in kept))
 
     # -- data --
 

@@ -129,3 +129,10 @@ def test_bad_flags_get_one_line(tmp_path, flags, message):
     result = train(tmp_path / "w", *flags)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_a_folder_that_is_not_a_workdir_is_left_alone(tmp_path):
+    (tmp_path / "model.h5").write_text("someone else's file")
+    result = train(tmp_path)
+    assert result.returncode == 2 and "holds no digitseq run" in result.stderr
+    assert (tmp_path / "model.h5").read_text() == "someone else's file" and len(list(tmp_path.iterdir())) == 1
