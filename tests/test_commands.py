@@ -1,4 +1,4 @@
-"""The pipeline's command-line faces, run for real: export and the throughput benchmark."""
+"""Command-line faces run for real: export, the input-throughput and the step-rate benchmarks."""
 
 from __future__ import annotations
 
@@ -80,3 +80,14 @@ def test_benchmark_prints_json_last(mnist_dir):
     assert figures["speedup"] == pytest.approx(
         figures["tfdata_seq_per_s"] / figures["baseline_loop_seq_per_s"], rel=0.01
     )
+
+
+def test_step_rate_benchmark_prints_json_last():
+    result = run("model.benchmark", "--batch-size", "8", "--steps", "2", "--repeats", "2")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["preset"] == "seed" and figures["batch_size"] == 8 and figures["image_shape"] == [64, 64]
+    assert figures["flax_ex_per_s"] > 0 and figures["keras_ex_per_s"] > 0
+    assert figures["ratio"] == pytest.approx(figures["flax_ex_per_s"] / figures["keras_ex_per_s"], rel=0.01)
+    assert figures["default"]["preset"] == "default" and figures["default"]["flax_ex_per_s"] > 0
+    assert len(figures["runs"]["keras"]) == 2
