@@ -360,48 +360,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Train a digit-sequence reader and keep everything in its workdir "
         "(config.json, metrics.jsonl, checkpoints/, tensorboard/, model.h5). Rerunning the same "
         "command resumes. Flags left out take the preset's recipe, shown in brackets.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+
+    def recipe(name: str) -> str:
+        values = {preset: r[name] for preset, r in RECIPES.items()}
+        words = {None: "streaming", True: "on", False: "off"}
+        return "[" + "; ".join(f"{p}: {words.get(v, v)}" for p, v in values.items()) + "]"
+
     parser.add_argument(
         "--preset", default="default", choices=list(nets.PRESETS),
-        help="network and recipe: " + "; ".join(f"{p.name}: {p.summary}" for p in nets.PRESETS.values()),
+        help="network and recipe (default: default): "
+        + "; ".join(f"{p.name}: {p.summary}" for p in nets.PRESETS.values()),
     )  # fmt: skip
-    recipe = ", ".join(f"{name}: {r}" for name, r in RECIPES.items())
-    parser.add_argument("--epochs", type=flags.positive_int, help=f"epochs to train [recipe: {recipe}]")
-    parser.add_argument("--batch-size", type=flags.positive_int, help="global batch size [recipe]")
+    parser.add_argument("--epochs", type=flags.positive_int, help=f"epochs to train {recipe('epochs')}")
+    parser.add_argument(
+        "--batch-size", type=flags.positive_int, help=f"global batch, split over the devices {recipe('batch_size')}"
+    )
     data = parser.add_mutually_exclusive_group()
     data.add_argument(
         "--train-examples", type=flags.positive_int,
-        help="train on a fixed set of this many sequences, reshuffled every epoch [recipe]",
+        help=f"train on a fixed set of this many sequences, reshuffled every epoch {recipe('train_examples')}",
     )  # fmt: skip
     data.add_argument(
         "--streaming", action="store_true",
-        help=f"fresh sequences every step; an epoch is then {STREAMING_EPOCH:,} sequences [recipe]",
+        help=f"fresh sequences every step; an epoch is then {STREAMING_EPOCH:,} sequences",
     )  # fmt: skip
-    parser.add_argument("--learning-rate", type=float, help="Adam learning rate [recipe]")
+    parser.add_argument("--learning-rate", type=float, help=f"Adam learning rate {recipe('learning_rate')}")
     parser.add_argument(
-        "--augment", action=argparse.BooleanOptionalAction, help="shift each digit by up to ±2 px [recipe]"
+        "--augment", action=argparse.BooleanOptionalAction, help=f"shift each digit by up to ±2 px {recipe('augment')}"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seeds the data, the initial weights and dropout")
+    parser.add_argument("--seed", type=int, default=0, help="seeds data, initial weights, dropout (default: 0)")
     parser.add_argument("--workdir", type=Path, help="where the run lives (default: runs/<preset>)")
     parser.add_argument(
-        "--max-steps", type=flags.positive_int, help="stop after this many steps in all (e.g. for a quick check)"
+        "--max-steps", type=flags.positive_int, help="stop after this many steps in all (default: none)"
     )
     parser.add_argument(
         "--resume", action=argparse.BooleanOptionalAction, default=True,
-        help="continue the workdir's run; --no-resume discards its checkpoints, metrics and model.h5 and starts over",
+        help="continue the workdir's run (default); --no-resume discards its checkpoints, metrics and model.h5 "
+        "and starts over",
     )  # fmt: skip
     parser.add_argument(
         "--validate-on", choices=["validation", "test"], default="validation",
         help="digits of the per-epoch validation sequences: held-out train digits, or MNIST test "
-        "(the notebook's choice; then test figures are no longer untouched)",
+        "(the notebook's choice; then test figures are no longer untouched) (default: validation)",
     )  # fmt: skip
     parser.add_argument(
-        "--val-examples", type=flags.positive_int, default=10_000, help="validation sequences per epoch"
+        "--val-examples", type=flags.positive_int, default=10_000, help="validation sequences an epoch (default: 10000)"
     )
     parser.add_argument(
         "--checkpoint-every", type=flags.positive_int, default=200,
-        help="steps between periodic checkpoints (also saved at every epoch end and on Ctrl-C/SIGTERM)",
+        help="steps between periodic checkpoints, also saved at every epoch end and on Ctrl-C/SIGTERM (default: 200)",
     )  # fmt: skip
     flags.add_data_flags(parser)
     flags.add_sequence_flags(parser)
