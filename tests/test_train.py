@@ -125,10 +125,26 @@ def test_two_devices_match_one(tmp_path, mnist_dir):
         (["--preset", "default", "--image-size", "64x64"], "divides into 5 equal columns"),
     ],
 )
-def test_bad_flags_get_one_line(tmp_path, flags, message):
-    result = train(tmp_path / "w", *flags)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+def test_bad_flags_get_one_line(tmp_path, monkeypatch, capsys, flags, message):
+    # In-process, through the same entry point as the command (the command itself: test below).
+    sys.path.insert(0, str(ROOT))
+    import train as train_script
+    from pipeline.flags import run
+
+    monkeypatch.setattr(sys, "argv", ["train.py", "--workdir", str(tmp_path / "w"), *flags])
+    with pytest.raises(SystemExit) as stop:
+        run(train_script.main, "train.py")
+    stderr = capsys.readouterr().err
+    last = stderr.strip().splitlines()[-1]  # argparse's usage may come before: nothing else
+    assert stop.value.code == 2 and last.startswith("train.py: error:") and message in last
+    assert "Traceback" not in stderr
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_bad_flag_from_the_command_line(tmp_path):
+    result = train(tmp_path / "w", "--batch-size", "0")
+    assert result.returncode == 2 and "--batch-size: must be at least 1" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_a_folder_that_is_not_a_workdir_is_left_alone(tmp_path):
