@@ -1,11 +1,143 @@
-"""Evaluates a trained digit-sequence reader. Not built yet: evaluation arrives with issue #4."""
+"""Evaluates a trained digit-sequence reader on the honest test set.
 
+    python eval.py --workdir runs/default        # its best checkpoint (by validation)
+    python eval.py --weights model.h5            # the network rebuilt from the file alone
+    python eval.py --weights model.h5 --data test.npz --json report.json
+
+Test sequences come only from MNIST test digits (10,000 by default, fixed by --seed), or from a
+file written by `python -m pipeline.export` (or laid out like one). The figures are computed by
+model/metrics.py, the code train.py validates with.
+"""
+
+from __future__ import annotations
+
+# isort: off
+import pipeline  # noqa: F401  (first: configures TensorFlow's logging and threads before it loads)
+
+# isort: on
+import argparse
+import json
 import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+from tqdm import tqdm
+
+from model import keras_h5, metrics
+from model import networks as nets
+from model.checkpoints import Checkpoints
+from pipeline import export, flags
+from pipeline.mnist import load_pool
+from pipeline.sequences import SequenceConfig, eval_batches, numpy_batches
+
+PROG = "eval.py"
+BATCH = 1000
+
+
+def load_model(args: argparse.Namespace) -> tuple[nets.Network, tuple[int, int], dict, str]:
+    """(network, image shape, variables, what was loaded) from --weights or --workdir."""
+    if args.weights:
+        network, image_shape, variables, preset = keras_h5.read(args.weights)
+        return network, image_shape, variables, f"{args.weights} ({preset})"
+    workdir = args.workdir
+    config_file = workdir / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{workdir} is not a training workdir (no config.json); pass a --workdir train.py wrote")
+    config = json.loads(config_file.read_text())
+    checkpoints = Checkpoints(workdir / "checkpoints")
+    step = checkpoints.best_step() if args.checkpoint == "best" else None
+    step = step if step is not None else checkpoints.latest_step()
+    if step is None:
+        raise ValueError(f"{workdir} has no checkpoint yet; train first (python train.py --workdir {workdir})")
+    network = nets.build(nets.get_preset(config["preset"]), config["max_digits"])
+    variables = checkpoints.restore_variables(step)
+    return network, tuple(config["image_size"]), variables, f"{workdir} step {step} ({config['preset']})"
+
+
+def test_batches(args: argparse.Namespace, image_shape: tuple[int, int], positions: int) -> tuple[Iterator, int]:
+    if args.data:
+        images, labels = export.read(args.data)
+        if images.shape[1:] != image_shape or labels.shape[1] != positions:
+            raise ValueError(
+                f"{args.data} holds {images.shape[1]}x{images.shape[2]} images with {labels.shape[1]} positions; "
+                f"the model reads {image_shape[0]}x{image_shape[1]} with {positions}"
+            )
+        batches = (
+            {"image": images[i : i + BATCH, ..., None], "labels": labels[i : i + BATCH]}
+            for i in range(0, len(images), BATCH)
+        )
+        return batches, len(images)
+    native = (28, 28 * positions)
+    config = SequenceConfig(positions, None if image_shape == native else image_shape)
+    pool = load_pool("test", args.data_dir, args.mnist_dir)
+    data = eval_batches(pool, config, num_examples=args.examples, batch_size=BATCH, seed=args.seed)
+    return numpy_batches(data), args.examples
+
+
+def report_table(figures: dict) -> str:
+    rows = [f"examples              {figures['num_examples']:,}"]
+    for k, accuracy in enumerate(figures["per_position_accuracy"]):
+        rows.append(f"position {k + 1} accuracy   {accuracy:.2%}")
+    rows += [
+        f"individual accuracy   {figures['individual_accuracy']:.2%}   (all positions, blanks included)",
+        f"digit accuracy        {figures['digit_accuracy']:.2%}   (non-blank positions)",
+        f"sequence accuracy     {figures['sequence_accuracy']:.2%}   (every position right)",
+    ]
+    for length, accuracy in figures["per_length_sequence_accuracy"].items():
+        rows.append(f"  length {length}            {accuracy:.2%}")
+    rows += [
+        f"length accuracy       {figures['length_accuracy']:.2%}   (predicted number of digits right)",
+        f"speed                 {figures['examples_per_s']:,.0f} sequences/s",
+        "confusion (rows: true 0-9, blank; columns: predicted)",
+    ]
+    rows += ["  " + " ".join(f"{n:5d}" for n in row) for row in figures["confusion"]]
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", type=Path, help="a train.py workdir: evaluates its checkpoint (see --checkpoint)")
+    source.add_argument("--weights", type=Path, help="a model.h5 written by train.py: nothing else needed")
+    parser.add_argument(
+        "--checkpoint", choices=["best", "latest"], default="best",
+        help="with --workdir: the best by validation sequence accuracy, or the latest (default: best)",
+    )  # fmt: skip
+    parser.add_argument("--data", type=Path, help="evaluate on this .npz/.h5 (images, labels) instead")
+    parser.add_argument(
+        "--examples", type=flags.positive_int, default=10_000, help="test sequences to build (default: 10000)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="fixes the test set (default: 0)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    flags.add_data_flags(parser)
+    args = parser.parse_args()
+
+    network, image_shape, variables, loaded = load_model(args)
+    batches, total = test_batches(args, image_shape, network.positions)
+    variables = jax.device_put(variables)
+    first = next(iter(batches))
+    metrics.evaluate(network, variables, [first], BATCH)  # compiles; not timed
+    progress = tqdm(total=total, desc="evaluating", unit="seq", leave=False, disable=None)
+    started = time.perf_counter()
+    figures = metrics.evaluate(network, variables, _chain(first, batches), BATCH, progress=progress.update)
+    seconds = time.perf_counter() - started
+    progress.close()
+    figures["examples_per_s"] = figures["num_examples"] / seconds
+    figures["model"] = loaded
+    print(f"{loaded} on {'the MNIST-test sequences' if not args.data else args.data}")
+    print(report_table(figures))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")
+
+
+def _chain(first: dict, rest: Iterator[dict]) -> Iterator[dict]:
+    yield first
+    yield from rest
+
 
 if __name__ == "__main__":
-    print(
-        "eval.py: evaluation is not built yet (it arrives with the evaluation issue); train.py prints "
-        "validation figures every epoch and writes model.h5, which keras.models.load_model opens",
-        file=sys.stderr,
-    )
-    sys.exit(1)
+    flags.run(main, PROG)
+    sys.exit(0)

@@ -61,5 +61,10 @@ class Checkpoints:
         """The state saved at `step`, shaped and placed (sharded) like `template`."""
         return self.manager.restore(step, args=ocp.args.StandardRestore(template))
 
+    def restore_variables(self, step: int) -> dict[str, Any]:
+        """Only the network's variables (params, batch_stats) of the checkpoint at `step`, as saved."""
+        state = self.manager.restore(step, args=ocp.args.StandardRestore())
+        return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+
     def close(self) -> None:
         self.manager.close()

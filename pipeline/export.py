@@ -56,6 +56,35 @@ def write(path: Path, images: np.ndarray, labels: np.ndarray, attrs: dict[str, o
             os.unlink(tmp)
 
 
+def read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """images uint8 [N, H, W] and labels int32 [N, K] from a file `write` wrote (or one laid out so)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist (or is not a file)")
+    try:
+        if path.suffix == ".h5":
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                images, labels = f["images"][()], f["labels"][()]
+        else:
+            with np.load(path) as f:
+                images, labels = f["images"], f["labels"]
+    except (OSError, KeyError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable sequence file with 'images' and 'labels' ({error})") from None
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim != 3 or labels.ndim != 2 or len(images) != len(labels) or not len(images):
+        raise ValueError(
+            f"{path}: expected images [N, H, W] and labels [N, positions], got {images.shape} and {labels.shape}"
+        )
+    if images.dtype != np.uint8:
+        raise ValueError(f"{path}: images must be uint8 (0-255), not {images.dtype}")
+    if labels.min() < 0 or labels.max() > 10:
+        raise ValueError(f"{path}: labels must be 0-9 for digits and 10 for blank")
+    return images, labels.astype(np.int32)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.export",
