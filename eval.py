@@ -69,8 +69,7 @@ def test_batches(args: argparse.Namespace, image_shape: tuple[int, int], positio
             for i in range(0, len(images), BATCH)
         )
         return batches, len(images)
-    native = (28, 28 * positions)
-    config = SequenceConfig(positions, None if image_shape == native else image_shape)
+    config = SequenceConfig.delivering(positions, image_shape)
     pool = load_pool("test", args.data_dir, args.mnist_dir)
     data = eval_batches(pool, config, num_examples=args.examples, batch_size=BATCH, seed=args.seed)
     return numpy_batches(data), args.examples

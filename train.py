@@ -126,9 +126,7 @@ class Run:
         self.sharded = NamedSharding(mesh, P("data"))
         self.eval_batch = math.ceil(EVAL_BATCH / len(devices)) * len(devices)
 
-        native = (28, 28 * config.max_digits)
-        resize = None if self.image_shape == native else self.image_shape
-        self.sequences = SequenceConfig(config.max_digits, resize, config.augment)
+        self.sequences = SequenceConfig.delivering(config.max_digits, self.image_shape, config.augment)
         self._prepare_workdir(resume)
         self.train_pool = load_pool("train", data_dir, mnist_dir)
         self.val_pool = load_pool(config.validate_on, data_dir, mnist_dir)

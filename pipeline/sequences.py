@@ -55,6 +55,12 @@ class SequenceConfig:
                 raise ValueError(f"image size must be two positive whole numbers, not {self.image_size!r}")
             object.__setattr__(self, "image_size", size)
 
+    @classmethod
+    def delivering(cls, max_digits: int, image_shape: tuple[int, int], augment: bool = False) -> SequenceConfig:
+        """The config whose images are (height, width) = image_shape: native when that is native, else resized."""
+        native = (TILE, TILE * max_digits)
+        return cls(max_digits, None if tuple(image_shape) == native else tuple(image_shape), augment)
+
     @property
     def image_shape(self) -> tuple[int, int]:
         """(height, width) of the images the pipeline delivers."""
