@@ -3,6 +3,7 @@
     python eval.py --workdir runs/default        # its best checkpoint (by validation)
     python eval.py --weights model.h5            # the network rebuilt from the file alone
     python eval.py --weights model.h5 --data test.npz --json report.json
+    python eval.py --workdir runs/default --plots plots/  # and the pictures
 
 Test sequences come only from MNIST test digits (10,000 by default, fixed by --seed), or from a
 file written by `python -m pipeline.export` (or laid out like one). The figures are computed by
@@ -23,37 +24,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
-from model import keras_h5, metrics
+from model import metrics, plots, trained
 from model import networks as nets
-from model.checkpoints import Checkpoints
 from pipeline import export, flags
 from pipeline.mnist import load_pool
 from pipeline.sequences import SequenceConfig, eval_batches, numpy_batches
 
 PROG = "eval.py"
 BATCH = 1000
-
-
-def load_model(args: argparse.Namespace) -> tuple[nets.Network, tuple[int, int], dict, str]:
-    """(network, image shape, variables, what was loaded) from --weights or --workdir."""
-    if args.weights:
-        network, image_shape, variables, preset = keras_h5.read(args.weights)
-        return network, image_shape, variables, f"{args.weights} ({preset})"
-    workdir = args.workdir
-    config_file = workdir / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"{workdir} is not a training workdir (no config.json); pass a --workdir train.py wrote")
-    config = json.loads(config_file.read_text())
-    checkpoints = Checkpoints(workdir / "checkpoints")
-    step = checkpoints.best_step() if args.checkpoint == "best" else None
-    step = step if step is not None else checkpoints.latest_step()
-    if step is None:
-        raise ValueError(f"{workdir} has no checkpoint yet; train first (python train.py --workdir {workdir})")
-    network = nets.build(nets.get_preset(config["preset"]), config["max_digits"])
-    variables = checkpoints.restore_variables(step)
-    return network, tuple(config["image_size"]), variables, f"{workdir} step {step} ({config['preset']})"
 
 
 def test_batches(args: argparse.Namespace, image_shape: tuple[int, int], positions: int) -> tuple[Iterator, int]:
@@ -110,12 +91,18 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="fixes the test set (default: 0)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument(
+        "--plots", type=Path, metavar="DIR",
+        help="also write PNGs there: examples (mistakes marked), per-position accuracy, confusion, "
+        "training curves (from the workdir's metrics.jsonl), first-layer filters and activations",
+    )  # fmt: skip
     flags.add_data_flags(parser)
     args = parser.parse_args()
 
-    network, image_shape, variables, loaded = load_model(args)
+    model = trained.from_weights(args.weights) if args.weights else trained.from_workdir(args.workdir, args.checkpoint)
+    network, image_shape = model.network, model.image_shape
     batches, total = test_batches(args, image_shape, network.positions)
-    variables = jax.device_put(variables)
+    variables = jax.device_put(model.variables)
     first = next(iter(batches))
     metrics.evaluate(network, variables, [first], BATCH)  # compiles; not timed
     progress = tqdm(total=total, desc="evaluating", unit="seq", leave=False, disable=None)
@@ -124,12 +111,47 @@ def main() -> None:
     seconds = time.perf_counter() - started
     progress.close()
     figures["examples_per_s"] = figures["num_examples"] / seconds
-    figures["model"] = loaded
-    print(f"{loaded} on {'the MNIST-test sequences' if not args.data else args.data}")
+    figures["model"] = model.description
+    print(f"{model.description} on {'the MNIST-test sequences' if not args.data else args.data}")
     print(report_table(figures))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=1) + "\n")
+    if args.plots:
+        for line in write_plots(args.plots, model, variables, first, figures):
+            print(line)
+
+
+def write_plots(folder: Path, model: trained.Trained, variables: dict, batch: dict, figures: dict) -> list[str]:
+    """The PNGs of --plots; returns one line per picture (written, or why not)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    network, images, labels = model.network, batch["image"], batch["labels"]
+    predicted = nets.probabilities(network, variables, images).argmax(-1)
+    written = [
+        plots.examples(folder / "examples.png", images[..., 0], labels, predicted),
+        plots.per_position(folder / "per_position.png", figures),
+        plots.confusion(folder / "confusion.png", figures["confusion"]),
+    ]
+    notes = []
+    records = _metrics_records(model.workdir)
+    if records:
+        written.append(plots.training_curves(folder / "training_curves.png", records))
+    else:
+        notes.append("training_curves.png skipped: no metrics.jsonl of the training run beside the model")
+    first_conv = next(layer for layer in network.layers if isinstance(layer, nets.Conv))
+    kernel = np.asarray(variables["params"][first_conv.name]["kernel"])
+    written.append(plots.filters(folder / "filters.png", kernel))
+    maps = nets.first_activations(network, variables, images[:1])[0]
+    title = f"input (true {plots.sequence_text(labels[0])}) and the first layer's activation maps"
+    written.append(plots.activations(folder / "activations.png", images[0, ..., 0], maps, title))
+    return [f"wrote {path}" for path in written] + notes
+
+
+def _metrics_records(workdir: Path | None) -> list[dict]:
+    path = workdir / "metrics.jsonl" if workdir else None
+    if path is None or not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _chain(first: dict, rest: Iterator[dict]) -> Iterator[dict]:

@@ -209,7 +209,7 @@ class Run:
 
     def validate(self) -> dict:
         data = eval_batches(
-            self.val_pool, self.sequences, num_examples=self.config.val_examples,
+            self.val_pool, dataclasses.replace(self.sequences, augment=False), num_examples=self.config.val_examples,
             batch_size=self.eval_batch, seed=self.config.seed,
         )  # fmt: skip
         variables = self.state.variables

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NUM_CLASSES = 11  # digits 0–9 and blank
 _GLOROT = nn.initializers.glorot_uniform()  # Keras's default kernel initializer, as in the notebook
@@ -271,9 +272,10 @@ class Network(nn.Module):
     positions: int = 5
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, images: jax.Array, train: bool = False, depth: int | None = None) -> jax.Array:
+        """Logits; with `depth`, the output of the first `depth` layers instead (to look at them)."""
         x = images
-        for layer in self.layers:
+        for layer in self.layers[:depth]:
             if isinstance(layer, Conv):
                 conv = Conv2D(layer.features, layer.kernel, layer.padding.upper(), layer.use_bias, name=layer.name)
                 x = _activation(layer.activation)(conv(x))
@@ -319,6 +321,33 @@ def init_variables(network: Network, image_shape: tuple[int, int], seed: int) ->
     images = jnp.zeros((1, *image_shape, 1), jnp.float32)
     init = jax.jit(network.init, static_argnames="train")  # eager init runs every conv op by op: slow
     return dict(init(jax.random.key(seed), images, train=False))
+
+
+def first_activation_depth(layers: Sequence[Layer]) -> int:
+    """How many layers make up the first convolution with its activation (conv → [BN →] ReLU)."""
+    for depth, layer in enumerate(layers, start=1):
+        if isinstance(layer, Relu) or (isinstance(layer, Conv) and layer.activation):
+            return depth
+    raise ValueError("the network has no activation")
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_apply(network: Network, depth: int | None) -> Callable:
+    def apply(variables, images):
+        out = network.apply(variables, to_input(images), train=False, depth=depth)
+        return out if depth is not None else jax.nn.softmax(out)
+
+    return jax.jit(apply, compiler_options=compiler_options())
+
+
+def probabilities(network: Network, variables: dict, images: np.ndarray) -> np.ndarray:
+    """Images uint8 [B, H, W, 1] → class probabilities [B, positions, 11]."""
+    return np.asarray(_jitted_apply(network, None)(variables, images))
+
+
+def first_activations(network: Network, variables: dict, images: np.ndarray) -> np.ndarray:
+    """Images uint8 [B, H, W, 1] → the first convolution's activation maps [B, H, W, features]."""
+    return np.asarray(_jitted_apply(network, first_activation_depth(network.layers))(variables, images))
 
 
 def to_input(images: jax.Array) -> jax.Array:

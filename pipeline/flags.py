@@ -66,6 +66,10 @@ def run(main: Callable[[], None], prog: str) -> None:
     except (MnistError, ValueError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except OSError as error:  # the filesystem said no: disk full, permission denied, …
+        where = f": {error.filename}" if error.filename else ""
+        print(f"{prog}: error: {error.strerror or error}{where}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)

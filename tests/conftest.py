@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,3 +36,21 @@ def tiles(images: np.ndarray, max_digits: int) -> np.ndarray:
     """[N, 28, 28·K(, 1)] stitched images → [N, K, 28, 28] cells."""
     images = images.reshape(len(images), 28, max_digits, 28)
     return images.transpose(0, 2, 1, 3)
+
+
+def command(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`python ARGS...` in the project root, as a user runs it."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory, mnist_dir) -> Path:
+    """The default preset trained briefly (250 steps of 64, augmented) on sequences of 1–2 digits:
+    it reads them well (≈97 % of sequences), so eval and predict have a real model to test."""
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    result = command(
+        "train.py", "--workdir", str(workdir), "--max-digits", "2", "--batch-size", "64", "--max-steps", "250",
+        "--augment", "--val-examples", "500",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return workdir

@@ -1,0 +1,138 @@
+"""A user's image file → the layout the sequences have: white digits on black, left-aligned.
+
+The rule (README, "predict.py"):
+1. Read with Pillow, EXIF rotation applied, to grayscale; transparent areas count as white.
+2. If the border is lighter than mid-grey the image is dark ink on light paper: it is inverted,
+   so digits are white on black as in MNIST.
+3. An image of exactly the model's input size, or of the native 28 × 28·K, is taken as it is (an
+   image `pipeline.export` wrote reads back unchanged). Any other is stretched to full contrast
+   and split into digits at the columns without ink; digit i goes into cell i of a black
+   28 × 28·K canvas the way MNIST made its digits (fitted into 20×20, aspect kept, centre of
+   mass at the cell's centre), the cells after the last digit stay blank. If there are more
+   pieces than cells (touching digits are one piece; broken strokes, specks are several), the
+   ink is instead scaled as a whole to 28 px high (with MNIST's margin) — or to 28·K wide if
+   it would be wider — and placed at the left.
+4. The canvas is resized to the model's input when that differs (the seed preset's 64×64), with
+   the pipeline's own bilinear resize.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline.sequences import TILE, resize
+
+MAX_PIXELS = 40_000_000  # refused before decoding: a 20000×20000 header must not allocate 400 MB
+_BOX = 20  # MNIST: each digit fitted into 20×20, centred by mass in its 28×28 cell
+_INK = 64  # after stretching to 0–255: darker than this is background when cropping
+
+
+class ImageFileError(ValueError):
+    """An image file that cannot be read; the message is one sentence naming the file."""
+
+
+def read_gray(path: str | Path) -> np.ndarray:
+    """The file's pixels as uint8 [h, w], grayscale, white digits on black (steps 1–2)."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageFileError(f"{path} does not exist")
+    if path.is_dir():
+        raise ImageFileError(f"{path} is a folder, not an image file")
+    if path.stat().st_size == 0:
+        raise ImageFileError(f"{path} is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size  # from the header: nothing decoded yet
+                if width * height > MAX_PIXELS:
+                    raise ImageFileError(
+                        f"{path} is {width}x{height} pixels, more than the {MAX_PIXELS // 1_000_000} megapixels "
+                        "read here; scale it down first"
+                    )
+                image = ImageOps.exif_transpose(image)
+                if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                    white = Image.new("RGBA", image.size, "white")
+                    image = Image.alpha_composite(white, image.convert("RGBA"))
+                if image.mode in ("I", "I;16", "I;16B", "F"):  # 16-bit or float: scale, do not clip
+                    pixels = np.asarray(image, np.float64)
+                    pixels = pixels * (255.0 / max(pixels.max(), 1e-9))
+                    gray = np.clip(pixels, 0, 255).astype(np.uint8)
+                else:
+                    gray = np.asarray(image.convert("L"))
+    except Image.DecompressionBombError:
+        raise ImageFileError(f"{path} is too large to decode safely; scale it down first") from None
+    except UnidentifiedImageError:
+        raise ImageFileError(f"{path} is not an image Pillow can read (PNG, JPEG, BMP, …)") from None
+    except PermissionError:
+        raise ImageFileError(f"{path} cannot be read: permission denied") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, ImageFileError):
+            raise
+        raise ImageFileError(f"{path} is damaged or truncated ({error})") from None
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    return 255 - gray if np.median(border) > 127 else gray
+
+
+def native_layout(gray: np.ndarray, max_digits: int) -> np.ndarray:
+    """White-on-black uint8 [h, w] of any size → [28, 28·max_digits], laid out as sequences are (step 3)."""
+    canvas = np.zeros((TILE, TILE * max_digits), np.uint8)
+    pixels = gray.astype(np.float32)
+    background = float(np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])))
+    if pixels.max() - background < 16:  # no ink to speak of: an empty sequence
+        return canvas
+    pixels = np.clip((pixels - background) * (255.0 / (pixels.max() - background)), 0, 255)
+    ink_columns = np.flatnonzero((pixels > _INK).any(axis=0))
+    # Digits are runs of ink columns with empty columns between them.
+    runs = np.split(ink_columns, np.flatnonzero(np.diff(ink_columns) > 1) + 1)
+    if len(runs) <= max_digits:
+        for cell, run in enumerate(runs):
+            canvas[:, cell * TILE : (cell + 1) * TILE] = _mnist_cell(pixels[:, run[0] : run[-1] + 1])
+        return canvas
+    # More pieces than cells (broken strokes, noise): the whole ink, scaled as one.
+    rows = np.flatnonzero((pixels > _INK).any(axis=1))
+    box = np.pad(pixels[rows[0] : rows[-1] + 1, ink_columns[0] : ink_columns[-1] + 1], round(4 / 20 * len(rows)))
+    scale = min(TILE / box.shape[0], TILE * max_digits / box.shape[1])
+    scaled = _fit(box, scale)
+    top = (TILE - scaled.shape[0]) // 2
+    canvas[top : top + scaled.shape[0], : scaled.shape[1]] = scaled
+    return canvas
+
+
+def _fit(pixels: np.ndarray, scale: float) -> np.ndarray:
+    size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))  # (w, h) for Pillow
+    return np.asarray(Image.fromarray(pixels.astype(np.uint8)).resize(size, Image.Resampling.LANCZOS))
+
+
+def _mnist_cell(column: np.ndarray) -> np.ndarray:
+    """One digit's columns → a 28×28 cell the way MNIST made its digits: the ink fitted into a
+    20×20 box (aspect kept), placed so its centre of mass is the cell's centre."""
+    rows = np.flatnonzero((column > _INK).any(axis=1))
+    ink = column[rows[0] : rows[-1] + 1]
+    digit = _fit(ink, _BOX / max(ink.shape)).astype(np.float32)
+    digit = digit * (255.0 / max(digit.max(), 1.0))
+    height, width = digit.shape
+    mass = digit.sum()
+    centre_y = (digit.sum(axis=1) @ np.arange(height)) / mass
+    centre_x = (digit.sum(axis=0) @ np.arange(width)) / mass
+    top = int(np.clip(round(TILE / 2 - 0.5 - centre_y), 0, TILE - height))
+    left = int(np.clip(round(TILE / 2 - 0.5 - centre_x), 0, TILE - width))
+    cell = np.zeros((TILE, TILE), np.uint8)
+    cell[top : top + height, left : left + width] = np.round(digit).astype(np.uint8)
+    return cell
+
+
+def model_input(path: str | Path, image_shape: tuple[int, int], max_digits: int) -> np.ndarray:
+    """The image file as the model reads it: uint8 [height, width] (steps 1–4)."""
+    gray = read_gray(path)
+    if gray.shape == tuple(image_shape):
+        return gray
+    native = gray if gray.shape == (TILE, TILE * max_digits) else native_layout(gray, max_digits)
+    if native.shape == tuple(image_shape):
+        return native
+    return resize(tf.constant(native[None, :, :, None]), image_shape).numpy()[0, :, :, 0]

@@ -1,0 +1,108 @@
+"""pipeline.images: a user's image file → the sequences' layout, and the one-line errors."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from conftest import tiles
+from PIL import Image
+
+from pipeline.images import ImageFileError, model_input, native_layout, read_gray
+
+
+@pytest.fixture(scope="module")
+def sequence(pools):
+    """A 3-digit native sequence image [28, 140] of MNIST test digits, and its cells' digits."""
+    pool = pools["test"]
+    picks = [3, 17, 42]
+    image = np.zeros((28, 140), np.uint8)
+    for cell, index in enumerate(picks):
+        image[:, cell * 28 : (cell + 1) * 28] = pool.images[index]
+    return image, [int(pool.labels[i]) for i in picks]
+
+
+def _save(path, pixels: np.ndarray) -> str:
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+def test_an_image_of_the_model_size_is_taken_as_it_is(tmp_path, sequence):
+    image, _ = sequence
+    assert np.array_equal(model_input(_save(tmp_path / "a.png", image), (28, 140), 5), image)
+    inverted = _save(tmp_path / "b.png", 255 - image)  # dark ink on white paper
+    assert np.array_equal(model_input(inverted, (28, 140), 5), image)
+
+
+def test_the_seed_preset_gets_the_pipelines_resize(tmp_path, sequence):
+    import tensorflow as tf
+
+    image, _ = sequence
+    got = model_input(_save(tmp_path / "a.png", image), (64, 64), 5)
+    expected = tf.image.resize(image[None, :, :, None], (64, 64), method="bilinear")
+    assert got.shape == (64, 64)
+    assert np.abs(got.astype(int) - np.round(expected.numpy()[0, :, :, 0]).astype(int)).max() <= 1
+
+
+def test_a_photo_like_image_is_split_into_mnist_cells(tmp_path, sequence):
+    """Dark on light, wide margins, uneven gaps, 3× larger, RGB JPEG: each digit lands in its own
+    cell, fitted and centred the way MNIST's are, the cells after the last digit blank."""
+    image, _ = sequence
+    cells = tiles(image[None], 5)[0]
+    spaced = np.concatenate([np.pad(cells[0], ((0, 0), (0, 30))), cells[1], np.pad(cells[2], ((0, 0), (12, 0)))], 1)
+    photo = Image.fromarray(255 - np.pad(spaced, 25)).convert("RGB")
+    photo = photo.resize((photo.width * 3, photo.height * 3), Image.Resampling.BICUBIC)
+    path = tmp_path / "photo.jpg"
+    photo.save(path, quality=90)
+    layout = model_input(path, (28, 140), 5)
+    got = tiles(layout[None], 5)[0]
+    assert not got[3:].any()  # cells 4 and 5: blank
+    for cell in range(3):  # the same digit, placed to within a pixel
+        shifts = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        moved = [np.roll(got[cell], shift, axis=(0, 1)).ravel() for shift in shifts]
+        assert max(np.corrcoef(m, cells[cell].ravel())[0, 1] for m in moved) > 0.85, cell
+
+
+def test_an_image_without_ink_is_an_empty_sequence():
+    assert not native_layout(np.full((50, 80), 7, np.uint8), 5).any()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A small PNG file whose header claims width × height (its pixel data is a few bytes)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(bytes(1000))) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("missing.png", None, "does not exist"),
+        ("empty.png", b"", "is empty"),
+        ("notes.png", b"these are not pixels", "is not an image"),
+        ("huge.png", _png_header_only(20_000, 20_000), "scale it down"),
+        ("big.png", _png_header_only(8_000, 6_000), "8000x6000 pixels"),
+        ("cut.png", "truncated", "damaged or truncated"),
+    ],
+    ids=["missing", "empty", "not-an-image", "20000x20000", "48-megapixels", "truncated"],
+)
+def test_bad_files_get_one_sentence(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content == "truncated":
+        Image.fromarray(np.arange(28 * 140, dtype=np.uint32).astype(np.uint8).reshape(28, 140)).save(path)
+        path.write_bytes(path.read_bytes()[:60])
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ImageFileError, match=message) as error:
+        read_gray(path)
+    assert "\n" not in str(error.value) and str(path) in str(error.value)
+
+
+def test_a_folder_is_not_an_image(tmp_path):
+    with pytest.raises(ImageFileError, match="is a folder"):
+        read_gray(tmp_path)
