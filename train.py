@@ -69,6 +69,7 @@ class Config:
     validate_on: str = "validation"
     checkpoint_every: int = 200
     max_steps: int | None = None
+    time_budget: float | None = None  # minutes of wall time for this invocation
 
     @property
     def steps_per_epoch(self) -> int:
@@ -112,6 +113,7 @@ class Run:
     """One training run in its workdir: devices, data, state, checkpoints, logs."""
 
     def __init__(self, config: Config, workdir: Path, data_dir: str | None, mnist_dir: str | None, resume: bool):
+        self.started = time.monotonic()  # --time-budget counts from here: compilation and data included
         self.config, self.workdir = config, workdir
         self.preset = nets.get_preset(config.preset)
         self.image_shape = self.preset.image_shape(config.max_digits, config.image_size)
@@ -275,6 +277,9 @@ class Run:
             return 0
         interrupts = Interrupts()
         batches = self.batches(step)
+        deadline = None if config.time_budget is None else self.started + 60 * config.time_budget
+        finish_seconds = config.val_examples / 1000  # validate + save at the end; measured after each epoch
+        out_of_time = False
         try:
             while step < total:
                 epoch = step // config.steps_per_epoch
@@ -295,7 +300,11 @@ class Run:
                         return 128 + interrupts.signal
                     if step % config.checkpoint_every == 0 and step < epoch_end:
                         self.save()
+                    if deadline is not None and time.monotonic() + finish_seconds > deadline:
+                        out_of_time = True
+                        break
                 bar.close()
+                finishing = time.perf_counter()
                 self.check_finite()
                 train_figures = metrics.summarize(self.state.sums)
                 val_figures = self.validate()
@@ -304,6 +313,11 @@ class Run:
                 self.log_epoch(round(epoch + fraction, 4), seconds, step - first, train_figures, val_figures)
                 self.save(val_figures)
                 self.write_model()
+                finish_seconds = time.perf_counter() - finishing
+                if out_of_time:
+                    print(f"{PROG}: the time budget of {config.time_budget:g} min is spent: stopped at step {step} "
+                          f"of {total}, everything saved; rerun the same command to go on", flush=True)  # fmt: skip
+                    return 0
                 if step == epoch_end and step % config.steps_per_epoch == 0:
                     fresh = jax.device_put(metrics.zeros(config.max_digits), self.replicated)
                     self.state = self.state.replace(sums=fresh)
@@ -393,6 +407,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-steps", type=flags.positive_int, help="stop after this many steps in all (default: none)"
     )
     parser.add_argument(
+        "--time-budget", type=_minutes, metavar="MINUTES",
+        help="stop cleanly, validated and saved, within this many minutes of wall time (counted after "
+        "Python's imports, so compilation and data preparation are included); rerunning continues (default: none)",
+    )  # fmt: skip
+    parser.add_argument(
         "--resume", action=argparse.BooleanOptionalAction, default=True,
         help="continue the workdir's run (default); --no-resume discards its checkpoints, metrics and model.h5 "
         "and starts over",
@@ -412,6 +431,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     flags.add_data_flags(parser)
     flags.add_sequence_flags(parser)
     return parser.parse_args(argv)
+
+
+def _minutes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of minutes, not {text!r}")
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -436,6 +465,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         validate_on=args.validate_on,
         checkpoint_every=args.checkpoint_every,
         max_steps=args.max_steps,
+        time_budget=args.time_budget,
     )
     if not config.learning_rate > 0:
         raise ValueError(f"--learning-rate must be positive, not {config.learning_rate}")

@@ -106,11 +106,12 @@ def _keras_graph(layers, positions: int, image_shape: tuple[int, int], variables
             height, width, _ = graph.shape
             if layer.padding == "valid":
                 height, width = height - layer.kernel + 1, width - layer.kernel + 1
+            height, width = -(-height // layer.stride), -(-width // layer.stride)
             weights = [("kernel", p["kernel"])] + ([("bias", p["bias"])] if layer.use_bias else [])
             config = {
                 "filters": layer.features,
                 "kernel_size": [layer.kernel, layer.kernel],
-                "strides": [1, 1],
+                "strides": [layer.stride, layer.stride],
                 "padding": layer.padding,
                 "data_format": "channels_last",
                 "activation": layer.activation or "linear",

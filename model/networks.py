@@ -36,6 +36,7 @@ class Conv:
     kernel: int = 3
     padding: str = "same"  # or "valid"
     use_bias: bool = True
+    stride: int = 1
     activation: str | None = "relu"
 
 
@@ -103,15 +104,18 @@ class Preset:
     def image_shape(self, positions: int, image_size: tuple[int, int] | None = None) -> tuple[int, int]:
         """The (height, width) this network reads, checked; image_size overrides the preset's."""
         height, width = image_size or self.image_size or (28, 28 * positions)
-        pools = sum(isinstance(layer, MaxPool) for layer in self.layers)
+        factor = math.prod(
+            layer.size if isinstance(layer, MaxPool) else layer.stride
+            for layer in self.layers
+            if isinstance(layer, (MaxPool, Conv))
+        )
         if any(isinstance(layer, Cells) for layer in self.layers):
-            cell = 2**pools * positions
-            if height % 2**pools or width % cell:
+            if height % factor or width % (factor * positions):
                 raise ValueError(
                     f"the {self.name} preset reads images whose width divides into {positions} equal "
-                    f"columns after {pools} poolings; {height}x{width} does not (use the native size)"
+                    f"columns after downsampling by {factor}; {height}x{width} does not (use the native size)"
                 )
-        elif min(height, width) < 2**pools + 2:
+        elif min(height, width) < factor + 2:
             raise ValueError(f"{height}x{width} is too small for the {self.name} preset")
         return height, width
 
@@ -190,37 +194,38 @@ _CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 _KERNEL_GRAD_SLICE = 4
 
 
-def _conv(x: jax.Array, kernel: jax.Array, padding: str) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_CONV_DIMENSIONS)
+def _conv(x: jax.Array, kernel: jax.Array, padding: str, stride: int) -> jax.Array:
+    strides = (stride, stride)
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_CONV_DIMENSIONS)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_sliced_kernel_grad(x: jax.Array, kernel: jax.Array, padding: str) -> jax.Array:
-    return _conv(x, kernel, padding)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_sliced_kernel_grad(x: jax.Array, kernel: jax.Array, padding: str, stride: int) -> jax.Array:
+    return _conv(x, kernel, padding, stride)
 
 
-def _conv_forward(x, kernel, padding):
-    return _conv(x, kernel, padding), (x, kernel)
+def _conv_forward(x, kernel, padding, stride):
+    return _conv(x, kernel, padding, stride), (x, kernel)
 
 
-def _conv_backward(padding, saved, grad):
+def _conv_backward(padding, stride, saved, grad):
     x, kernel = saved
-    grad_x = jax.vjp(lambda x: _conv(x, kernel, padding), x)[1](grad)[0]
+    grad_x = jax.vjp(lambda x: _conv(x, kernel, padding, stride), x)[1](grad)[0]
     grad_kernel = jnp.zeros_like(kernel)
     for start in range(0, x.shape[0], _KERNEL_GRAD_SLICE):
         piece = slice(start, start + _KERNEL_GRAD_SLICE)
-        grad_kernel += jax.vjp(lambda k, x=x[piece]: _conv(x, k, padding), kernel)[1](grad[piece])[0]
+        grad_kernel += jax.vjp(lambda k, x=x[piece]: _conv(x, k, padding, stride), kernel)[1](grad[piece])[0]
     return grad_x, grad_kernel
 
 
 _conv_sliced_kernel_grad.defvjp(_conv_forward, _conv_backward)
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, padding: str) -> jax.Array:
-    """Stride-1 2-D convolution, NHWC × HWIO; the same maths everywhere, its gradient CPU-tuned."""
+def conv2d(x: jax.Array, kernel: jax.Array, padding: str, stride: int = 1) -> jax.Array:
+    """2-D convolution, NHWC × HWIO; the same maths everywhere, its gradient CPU-tuned."""
     if jax.default_backend() == "cpu" and x.shape[0] % _KERNEL_GRAD_SLICE == 0:
-        return _conv_sliced_kernel_grad(x, kernel, padding)
-    return _conv(x, kernel, padding)
+        return _conv_sliced_kernel_grad(x, kernel, padding, stride)
+    return _conv(x, kernel, padding, stride)
 
 
 class Conv2D(nn.Module):
@@ -230,11 +235,12 @@ class Conv2D(nn.Module):
     kernel_size: int
     padding: str
     use_bias: bool
+    stride: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", _GLOROT, (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
-        y = conv2d(x, kernel, self.padding)
+        y = conv2d(x, kernel, self.padding, self.stride)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,))
         return y
@@ -277,7 +283,9 @@ class Network(nn.Module):
         x = images
         for layer in self.layers[:depth]:
             if isinstance(layer, Conv):
-                conv = Conv2D(layer.features, layer.kernel, layer.padding.upper(), layer.use_bias, name=layer.name)
+                conv = Conv2D(
+                    layer.features, layer.kernel, layer.padding.upper(), layer.use_bias, layer.stride, name=layer.name
+                )
                 x = _activation(layer.activation)(conv(x))
             elif isinstance(layer, BatchNorm):
                 x = nn.BatchNorm(

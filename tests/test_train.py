@@ -52,6 +52,17 @@ def test_seed_preset_writes_the_whole_workdir(tmp_path, mnist_dir):
     assert again.returncode == 0 and "nothing to do" in again.stdout
 
 
+def test_time_budget_stops_validated_and_saved(tmp_path, mnist_dir):
+    workdir = tmp_path / "budget"
+    result = train(workdir, "--max-digits", "1", "--time-budget", "0.4")  # 24 s: a few dozen of 2,340 steps
+    assert result.returncode == 0, result.stderr
+    assert "time budget of 0.4 min is spent" in result.stdout and "everything saved" in result.stdout
+    (record,) = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < record["step"] < 2340 and 0 < record["epoch"] < 1 and "val_sequence_acc" in record
+    assert str(record["step"]) in [p.name for p in (workdir / "checkpoints").iterdir()]
+    assert (workdir / "model.h5").is_file()
+
+
 def test_sigterm_then_rerun_ends_bit_identical(tmp_path, mnist_dir):
     steps = ["--max-steps", "16", "--checkpoint-every", "3"]
     straight = train(tmp_path / "straight", *steps)
