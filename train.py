@@ -47,11 +47,20 @@ STREAMING_EPOCH = 60_000  # sequences per epoch when streaming
 EVAL_BATCH = 1000
 # What each preset trains with unless a flag says otherwise.
 RECIPES = {
-    "seed": {"epochs": 12, "batch_size": 128, "train_examples": 60_000, "learning_rate": 1e-3, "augment": False},
-    "default": {"epochs": 5, "batch_size": 128, "train_examples": None, "learning_rate": 1e-3, "augment": False},
-}
+    "seed": {
+        "epochs": 12, "batch_size": 128, "train_examples": 60_000, "learning_rate": 1e-3, "schedule": "constant",
+        "augment": False,
+    },
+    "default": {
+        "epochs": 8, "batch_size": 128, "train_examples": None, "learning_rate": 3e-3, "schedule": "cosine",
+        "augment": True,
+    },
+}  # fmt: skip
 # A workdir's run continues only under the same values of these.
-RESUME_KEYS = ("preset", "max_digits", "image_size", "batch_size", "train_examples", "learning_rate", "augment", "seed")
+RESUME_KEYS = (
+    "preset", "max_digits", "image_size", "batch_size", "train_examples", "learning_rate", "schedule", "augment",
+    "seed",
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +72,7 @@ class Config:
     batch_size: int = 128
     train_examples: int | None = None  # None: streaming
     learning_rate: float = 1e-3
+    schedule: str = "constant"  # or "cosine": warm-up over the first 5 % of the planned steps, then cosine to 0
     augment: bool = False
     seed: int = 0
     val_examples: int = 10_000
@@ -82,7 +92,13 @@ class Config:
 
 
 def make_optimizer(config: Config) -> optax.GradientTransformation:
-    return optax.adam(config.learning_rate)
+    if config.schedule == "constant":
+        return optax.adam(config.learning_rate)
+    # Planned over --epochs, never over --max-steps: cutting a run short must not change its steps.
+    planned = config.epochs * config.steps_per_epoch
+    warmup = max(1, planned // 20)
+    peak = config.learning_rate
+    return optax.adam(optax.warmup_cosine_decay_schedule(peak / 20, peak, warmup, planned))
 
 
 class TrainingStopped(Exception):
@@ -151,7 +167,8 @@ class Run:
         if has_run and resume and config_file.is_file():
             saved = json.loads(config_file.read_text())
             ours = self._config_json()
-            changed = [k for k in RESUME_KEYS if saved.get(k) != ours.get(k)]
+            keys = RESUME_KEYS + (("epochs",) if ours["schedule"] != "constant" else ())  # epochs shape the schedule
+            changed = [k for k in keys if saved.get(k) != ours.get(k)]
             if changed:
                 was = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
                 raise ValueError(
@@ -397,7 +414,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--streaming", action="store_true",
         help=f"fresh sequences every step; an epoch is then {STREAMING_EPOCH:,} sequences",
     )  # fmt: skip
-    parser.add_argument("--learning-rate", type=float, help=f"Adam learning rate {recipe('learning_rate')}")
+    parser.add_argument(
+        "--learning-rate", type=float, help=f"Adam learning rate (the peak, with cosine) {recipe('learning_rate')}"
+    )
+    parser.add_argument(
+        "--schedule", choices=["constant", "cosine"],
+        help="learning rate over the planned epochs: constant, or a 5 %% warm-up then cosine decay to 0 "
+        f"{recipe('schedule')}",
+    )  # fmt: skip
     parser.add_argument(
         "--augment", action=argparse.BooleanOptionalAction, help=f"shift each digit by up to ±2 px {recipe('augment')}"
     )
@@ -459,6 +483,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         batch_size=pick("batch_size"),
         train_examples=train_examples,
         learning_rate=pick("learning_rate"),
+        schedule=pick("schedule"),
         augment=pick("augment"),
         seed=args.seed,
         val_examples=args.val_examples,

@@ -61,6 +61,9 @@ def test_time_budget_stops_validated_and_saved(tmp_path, mnist_dir):
     assert 0 < record["step"] < 2340 and 0 < record["epoch"] < 1 and "val_sequence_acc" in record
     assert str(record["step"]) in [p.name for p in (workdir / "checkpoints").iterdir()]
     assert (workdir / "model.h5").is_file()
+    # The default recipe's cosine schedule is planned over its epochs: continuing under others is refused.
+    other = train(workdir, "--max-digits", "1", "--epochs", "3")
+    assert other.returncode == 2 and "holds a run trained with epochs=8" in other.stderr
 
 
 def test_sigterm_then_rerun_ends_bit_identical(tmp_path, mnist_dir):
@@ -100,7 +103,17 @@ def test_sigterm_then_rerun_ends_bit_identical(tmp_path, mnist_dir):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, mnist_dir):
-    result = train(tmp_path / "nan", "--learning-rate", "1e30", "--max-steps", "50", "--checkpoint-every", "1")
+    result = train(
+        tmp_path / "nan",
+        "--learning-rate",
+        "1e30",
+        "--schedule",
+        "constant",
+        "--max-steps",
+        "50",
+        "--checkpoint-every",
+        "1",
+    )
     assert result.returncode == 1
     assert "the loss became nan" in result.stderr and "the last good checkpoint (step 1) is kept" in result.stderr
     assert "Traceback" not in result.stderr
@@ -134,6 +147,7 @@ def test_two_devices_match_one(tmp_path, mnist_dir):
         (["--learning-rate", "0"], "--learning-rate must be positive"),
         (["--train-examples", "100"], "cannot fill one batch of 128"),
         (["--preset", "default", "--image-size", "64x64"], "divides into 5 equal columns"),
+        (["--time-budget", "0"], "--time-budget: must be a positive number of minutes"),
     ],
 )
 def test_bad_flags_get_one_line(tmp_path, monkeypatch, capsys, flags, message):
