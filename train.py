@@ -49,17 +49,17 @@ EVAL_BATCH = 1000
 RECIPES = {
     "seed": {
         "epochs": 12, "batch_size": 128, "train_examples": 60_000, "learning_rate": 1e-3, "schedule": "constant",
-        "augment": False,
+        "label_smoothing": 0.0, "augment": False,
     },
     "default": {
         "epochs": 8, "batch_size": 128, "train_examples": None, "learning_rate": 3e-3, "schedule": "cosine",
-        "augment": True,
+        "label_smoothing": 0.1, "augment": True,
     },
 }  # fmt: skip
 # A workdir's run continues only under the same values of these.
 RESUME_KEYS = (
-    "preset", "max_digits", "image_size", "batch_size", "train_examples", "learning_rate", "schedule", "augment",
-    "seed",
+    "preset", "max_digits", "image_size", "batch_size", "train_examples", "learning_rate", "schedule",
+    "label_smoothing", "augment", "seed",
 )  # fmt: skip
 
 
@@ -73,6 +73,7 @@ class Config:
     train_examples: int | None = None  # None: streaming
     learning_rate: float = 1e-3
     schedule: str = "constant"  # or "cosine": warm-up over the first 5 % of the planned steps, then cosine to 0
+    label_smoothing: float = 0.0
     augment: bool = False
     seed: int = 0
     val_examples: int = 10_000
@@ -151,7 +152,7 @@ class Run:
         self.checkpoints = Checkpoints(workdir / "checkpoints")
         self.state = self._initial_state()
         self.step_fn = training.jit_train_step(
-            self.network, self.optimizer, config.seed,
+            self.network, self.optimizer, config.seed, config.label_smoothing,
             in_shardings=(self.replicated, self.sharded), out_shardings=self.replicated,
         )  # fmt: skip
         self.tensorboard = tf.summary.create_file_writer(str(workdir / "tensorboard"))
@@ -423,6 +424,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"{recipe('schedule')}",
     )  # fmt: skip
     parser.add_argument(
+        "--label-smoothing", type=float, metavar="EPS",
+        help=f"train towards (1-EPS)*one-hot + EPS/11 {recipe('label_smoothing')}",
+    )  # fmt: skip
+    parser.add_argument(
         "--augment", action=argparse.BooleanOptionalAction, help=f"shift each digit by up to ±2 px {recipe('augment')}"
     )
     parser.add_argument("--seed", type=int, default=0, help="seeds data, initial weights, dropout (default: 0)")
@@ -484,6 +489,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         train_examples=train_examples,
         learning_rate=pick("learning_rate"),
         schedule=pick("schedule"),
+        label_smoothing=pick("label_smoothing"),
         augment=pick("augment"),
         seed=args.seed,
         val_examples=args.val_examples,
@@ -494,6 +500,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     )
     if not config.learning_rate > 0:
         raise ValueError(f"--learning-rate must be positive, not {config.learning_rate}")
+    if not 0 <= config.label_smoothing < 1:
+        raise ValueError(f"--label-smoothing must be in [0, 1), not {config.label_smoothing}")
     if train_examples is not None and train_examples < config.batch_size:
         raise ValueError(f"--train-examples {train_examples} cannot fill one batch of {config.batch_size}")
     return config

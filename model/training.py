@@ -41,9 +41,18 @@ def create_state(variables: dict, optimizer: optax.GradientTransformation, posit
 
 
 def train_step(
-    state: TrainState, batch: dict, *, network: nets.Network, optimizer: optax.GradientTransformation, seed: int
+    state: TrainState,
+    batch: dict,
+    *,
+    network: nets.Network,
+    optimizer: optax.GradientTransformation,
+    seed: int,
+    label_smoothing: float = 0.0,
 ) -> TrainState:
-    """One optimizer step on one global batch {"image": uint8 [B, H, W, 1], "labels": int32 [B, K]}."""
+    """One optimizer step on one global batch {"image": uint8 [B, H, W, 1], "labels": int32 [B, K]}.
+
+    With label_smoothing ε the targets are (1-ε)·one-hot + ε/11 (the reported loss stays plain CE).
+    """
     images, labels = nets.to_input(batch["image"]), batch["labels"]
     dropout_key = jax.random.fold_in(jax.random.key(seed), state.step)
 
@@ -55,7 +64,12 @@ def train_step(
             rngs={"dropout": dropout_key},
             mutable=["batch_stats"],
         )
-        return metrics.position_losses(logits, labels).sum(axis=1).mean(), (logits, updates)
+        if label_smoothing:
+            targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+            losses = optax.softmax_cross_entropy(logits, targets)
+        else:
+            losses = metrics.position_losses(logits, labels)
+        return losses.sum(axis=1).mean(), (logits, updates)
 
     (_, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     changes, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -68,10 +82,18 @@ def train_step(
     )
 
 
-def jit_train_step(network: nets.Network, optimizer: optax.GradientTransformation, seed: int, **jit_kwargs):
-    """train_step with the network, optimizer and seed bound, jitted (state donated)."""
+def jit_train_step(
+    network: nets.Network,
+    optimizer: optax.GradientTransformation,
+    seed: int,
+    label_smoothing: float = 0.0,
+    **jit_kwargs,
+):
+    """train_step with the network, optimizer, seed and label smoothing bound, jitted (state donated)."""
 
     def step(state: TrainState, batch: dict) -> TrainState:
-        return train_step(state, batch, network=network, optimizer=optimizer, seed=seed)
+        return train_step(
+            state, batch, network=network, optimizer=optimizer, seed=seed, label_smoothing=label_smoothing
+        )
 
     return jax.jit(step, donate_argnums=0, compiler_options=nets.compiler_options(), **jit_kwargs)
