@@ -146,6 +146,7 @@ class Run:
         self.eval_batch = math.ceil(EVAL_BATCH / len(devices)) * len(devices)
 
         self.sequences = SequenceConfig.delivering(config.max_digits, self.image_shape, config.augment)
+        self.val_sequences = dataclasses.replace(self.sequences, augment=False)  # validation is never augmented
         self._prepare_workdir(resume)
         self.train_pool = load_pool("train", data_dir, mnist_dir)
         self.val_pool = load_pool(config.validate_on, data_dir, mnist_dir)
@@ -229,7 +230,7 @@ class Run:
 
     def validate(self) -> dict:
         data = eval_batches(
-            self.val_pool, dataclasses.replace(self.sequences, augment=False), num_examples=self.config.val_examples,
+            self.val_pool, self.val_sequences, num_examples=self.config.val_examples,
             batch_size=self.eval_batch, seed=self.config.seed,
         )  # fmt: skip
         variables = self.state.variables

@@ -52,7 +52,7 @@ def examples(path: Path, images: np.ndarray, labels: np.ndarray, predicted: np.n
     for i, index in enumerate(shown):
         axes = figure.add_subplot(rows, columns, i + 1)
         axes.imshow(images[index], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-        mistake = index in set(wrong.tolist())
+        mistake = i < min(len(wrong), count // 2)  # the mistakes come first
         colour = _WRONG if mistake else _RIGHT
         axes.set_title(f"{sequence_text(labels[index])} / {sequence_text(predicted[index])}", color=colour, fontsize=9)
         axes.set_xticks([])
