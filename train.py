@@ -17,8 +17,10 @@ import pipeline  # noqa: F401  (first: configures TensorFlow's logging and threa
 # isort: on
 import argparse
 import dataclasses
+import fcntl
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -35,9 +37,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from model import keras_h5, metrics, training
+from model import distributed, keras_h5, metrics, training
 from model import networks as nets
-from model.checkpoints import BEST_METRIC, Checkpoints
+from model.checkpoints import BEST_METRIC, Checkpoints, SaveError
 from pipeline import flags
 from pipeline.mnist import load_pool
 from pipeline.sequences import SequenceConfig, eval_batches, numpy_batches, train_batches
@@ -137,34 +139,38 @@ class Run:
         self.network = nets.build(self.preset, config.max_digits)
         self.optimizer = make_optimizer(config)
 
-        devices = jax.devices()
-        if config.batch_size % len(devices):
-            raise ValueError(f"batch size {config.batch_size} does not split over {len(devices)} devices")
-        mesh = jax.make_mesh((len(devices),), ("data",), (jax.sharding.AxisType.Auto,), devices=devices)
+        devices = jax.device_count()  # of all processes
+        if config.batch_size % devices:
+            raise ValueError(f"batch size {config.batch_size} does not split over {devices} devices")
+        mesh = distributed.data_mesh()
         self.replicated = NamedSharding(mesh, P())
         self.sharded = NamedSharding(mesh, P("data"))
-        self.eval_batch = math.ceil(EVAL_BATCH / len(devices)) * len(devices)
+        self.eval_batch = math.ceil(EVAL_BATCH / devices) * devices
+        self.main = distributed.is_main()
 
         self.sequences = SequenceConfig.delivering(config.max_digits, self.image_shape, config.augment)
         self.val_sequences = dataclasses.replace(self.sequences, augment=False)  # validation is never augmented
         self._prepare_workdir(resume)
         self.train_pool = load_pool("train", data_dir, mnist_dir)
         self.val_pool = load_pool(config.validate_on, data_dir, mnist_dir)
-        self.checkpoints = Checkpoints(workdir / "checkpoints")
+        self.checkpoints = Checkpoints(workdir / "checkpoints", writer=True)
         self.state = self._initial_state()
         self.step_fn = training.jit_train_step(
             self.network, self.optimizer, config.seed, config.label_smoothing,
             in_shardings=(self.replicated, self.sharded), out_shardings=self.replicated,
         )  # fmt: skip
-        self.tensorboard = tf.summary.create_file_writer(str(workdir / "tensorboard"))
+        self.tensorboard = tf.summary.create_file_writer(str(workdir / "tensorboard")) if self.main else None
 
     # -- workdir --
 
     def _prepare_workdir(self, resume: bool) -> None:
         config_file = self.workdir / "config.json"
         checkpoints = self.workdir / "checkpoints"
-        if self.workdir.is_dir() and any(self.workdir.iterdir()) and not config_file.is_file():
+        if self.workdir.is_dir() and not config_file.is_file() and any(p.name != LOCK for p in self.workdir.iterdir()):
             raise ValueError(f"{self.workdir} is not empty and holds no digitseq run; pick a new or empty --workdir")
+        if self.main:  # one run at a time per workdir (the processes of one run share process 0's lock)
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self.lock = hold_lock(self.workdir / LOCK)
         has_run = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
         if has_run and resume and config_file.is_file():
             saved = json.loads(config_file.read_text())
@@ -177,18 +183,20 @@ class Run:
                     f"{self.workdir} holds a run trained with {was}; to continue it pass the same values, "
                     "or start over with --no-resume (discards it), or pick another --workdir"
                 )
-        if not (has_run and resume):  # a fresh start: nothing of an earlier run may linger
-            shutil.rmtree(checkpoints, ignore_errors=True)
-            for name in ("metrics.jsonl", "model.h5"):
-                (self.workdir / name).unlink(missing_ok=True)
-            shutil.rmtree(self.workdir / "tensorboard", ignore_errors=True)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(config_file, json.dumps(self._config_json(), indent=2) + "\n")
+        if self.main:
+            if not (has_run and resume):  # a fresh start: nothing of an earlier run may linger
+                shutil.rmtree(checkpoints, ignore_errors=True)
+                for name in ("metrics.jsonl", "model.h5"):
+                    (self.workdir / name).unlink(missing_ok=True)
+                shutil.rmtree(self.workdir / "tensorboard", ignore_errors=True)
+            _atomic_write(config_file, json.dumps(self._config_json(), indent=2) + "\n")
+        distributed.barrier("workdir prepared")
 
     def _config_json(self) -> dict:
         out = dataclasses.asdict(self.config)
         out["image_size"] = list(self.image_shape)
         out["devices"] = jax.device_count()
+        out["processes"] = jax.process_count()
         return out
 
     def _initial_state(self) -> training.TrainState:
@@ -200,8 +208,9 @@ class Run:
             template = serialization.to_state_dict(state)
             restored = self.checkpoints.restore(step, template)
             state = serialization.from_state_dict(state, restored)
-            print(f"{PROG}: resuming {self.workdir} at step {step}", flush=True)
-            self._forget_metrics_after(step)
+            if self.main:
+                print(f"{PROG}: resuming {self.workdir} at step {step}", flush=True)
+                self._forget_metrics_after(step)
         return state
 
     def _forget_metrics_after(self, step: int) -> None:
@@ -224,6 +233,7 @@ class Run:
             seed=config.seed,
             num_examples=config.train_examples,
             start_step=start_step,
+            shard=(jax.process_index(), jax.process_count()),  # this process's rows (see distributed.data_mesh)
         )
         for batch in numpy_batches(stream):
             yield {name: jax.make_array_from_process_local_data(self.sharded, a) for name, a in batch.items()}
@@ -234,7 +244,8 @@ class Run:
             batch_size=self.eval_batch, seed=self.config.seed,
         )  # fmt: skip
         variables = self.state.variables
-        progress = tqdm(total=self.config.val_examples, desc="validating", unit="seq", leave=False, disable=None)
+        quiet = None if self.main else True  # tqdm: None = only on a terminal
+        progress = tqdm(total=self.config.val_examples, desc="validating", unit="seq", leave=False, disable=quiet)
         figures = metrics.evaluate(
             self.network, variables, numpy_batches(data), self.eval_batch, self.sharded, progress.update
         )
@@ -262,17 +273,24 @@ class Run:
         if step in self.checkpoints.all_steps():
             return
         best = {BEST_METRIC: val_figures["sequence_accuracy"]} if val_figures else None
-        self.checkpoints.save(step, serialization.to_state_dict(self.state), best)
+        try:
+            self.checkpoints.save(step, serialization.to_state_dict(self.state), best)
+        except SaveError as error:
+            raise TrainingStopped(f"{error}; once there is room, rerun the same command to continue") from None
 
     def write_model(self) -> None:
-        variables = self.host_variables()
-        keras_h5.write(self.workdir / "model.h5", self.network, self.image_shape, variables, self.preset.name)
+        if self.main:
+            variables = self.host_variables()
+            keras_h5.write(self.workdir / "model.h5", self.network, self.image_shape, variables, self.preset.name)
 
     def log_epoch(self, epoch: float, seconds: float, steps: int, train: dict, val: dict) -> None:
+        if not self.main:
+            return
         record = {"epoch": epoch, "step": int(self.state.step), "seconds": round(seconds, 3)}
         record |= metrics.flat(train) | metrics.flat(val, "val_")
-        with open(self.workdir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.workdir / "metrics.jsonl"
+        earlier = path.read_text() if path.is_file() else ""
+        _atomic_write(path, earlier + json.dumps(record) + "\n")  # whole lines or nothing, even on a full disk
         with self.tensorboard.as_default(step=record["step"]):
             for name, value in record.items():
                 if name not in ("epoch", "step", "seconds"):
@@ -290,7 +308,8 @@ class Run:
         step = int(self.state.step)
         total = config.total_steps
         if step >= total:
-            print(f"{PROG}: {self.workdir} is already trained to step {step}; nothing to do", flush=True)
+            if self.main:
+                print(f"{PROG}: {self.workdir} is already trained to step {step}; nothing to do", flush=True)
             if not (self.workdir / "model.h5").is_file():
                 self.write_model()
             return 0
@@ -303,23 +322,30 @@ class Run:
             while step < total:
                 epoch = step // config.steps_per_epoch
                 epoch_end = min((epoch + 1) * config.steps_per_epoch, total)
-                print(f"Epoch {epoch + 1}/{config.epochs}", flush=True)
-                bar = _progress(config.steps_per_epoch, step - epoch * config.steps_per_epoch)
+                if self.main:
+                    print(f"Epoch {epoch + 1}/{config.epochs}", flush=True)
+                bar = _progress(config.steps_per_epoch, step - epoch * config.steps_per_epoch, self.main)
+                if step == epoch * config.steps_per_epoch:  # an epoch's figures start from zero, resumed or not
+                    fresh = jax.device_put(metrics.zeros(config.max_digits), self.replicated)
+                    self.state = self.state.replace(sums=fresh)
                 started, first = time.perf_counter(), step
                 while step < epoch_end:
                     self.state = self.step_fn(self.state, next(batches))
                     step += 1
                     bar.advance(step - epoch * config.steps_per_epoch, self.state)
-                    if interrupts.signal is not None:
+                    late = deadline is not None and time.monotonic() + finish_seconds > deadline
+                    # Every process stops at the same step: a signal or the clock seen by any stops all.
+                    if distributed.any_process(interrupts.signal is not None):
                         bar.close()
                         self.save()
-                        name = signal.Signals(interrupts.signal).name
-                        print(f"{PROG}: {name}: saved step {step} in {self.workdir / 'checkpoints'}; "
-                              "rerun the same command to continue", file=sys.stderr, flush=True)  # fmt: skip
-                        return 128 + interrupts.signal
+                        name = signal.Signals(interrupts.signal or signal.SIGTERM).name
+                        if self.main:
+                            print(f"{PROG}: {name}: saved step {step} in {self.workdir / 'checkpoints'}; "
+                                  "rerun the same command to continue", file=sys.stderr, flush=True)  # fmt: skip
+                        return 128 + (interrupts.signal or signal.SIGTERM)
                     if step % config.checkpoint_every == 0 and step < epoch_end:
                         self.save()
-                    if deadline is not None and time.monotonic() + finish_seconds > deadline:
+                    if distributed.any_process(late):
                         out_of_time = True
                         break
                 bar.close()
@@ -333,25 +359,25 @@ class Run:
                 self.save(val_figures)
                 self.write_model()
                 finish_seconds = time.perf_counter() - finishing
-                if out_of_time:
+                if out_of_time and self.main:
                     print(f"{PROG}: the time budget of {config.time_budget:g} min is spent: stopped at step {step} "
                           f"of {total}, everything saved; rerun the same command to go on", flush=True)  # fmt: skip
+                if out_of_time:
                     return 0
-                if step == epoch_end and step % config.steps_per_epoch == 0:
-                    fresh = jax.device_put(metrics.zeros(config.max_digits), self.replicated)
-                    self.state = self.state.replace(sums=fresh)
         finally:
             interrupts.restore()
-        print(f"{PROG}: done at step {step}; model: {self.workdir / 'model.h5'}", flush=True)
+        if self.main:
+            print(f"{PROG}: done at step {step}; model: {self.workdir / 'model.h5'}", flush=True)
         return 0
 
 
 class _progress:
     """A tqdm bar on a terminal; otherwise a plain line at every tenth of the epoch."""
 
-    def __init__(self, total: int, done: int):
-        self.total, self.done = total, done
-        self.bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True) if sys.stdout.isatty() else None
+    def __init__(self, total: int, done: int, shown: bool = True):
+        self.total, self.done, self.shown = total, done, shown
+        terminal = shown and sys.stdout.isatty()
+        self.bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True) if terminal else None
         self.started, self.last_fetch = time.perf_counter(), 0.0
 
     def advance(self, done: int, state: training.TrainState) -> None:
@@ -362,7 +388,7 @@ class _progress:
             if now - self.last_fetch > 0.5:  # fetching the loss waits for the step: not every step
                 self.last_fetch = now
                 self.bar.set_postfix(loss=f"{_running_loss(state):.4f}", refresh=False)
-        elif done % tenth == 0 or done == self.total:
+        elif self.shown and (done % tenth == 0 or done == self.total):
             rate = (done - self.done) / max(now - self.started, 1e-9)
             print(f"  {done}/{self.total} - {rate:.1f} steps/s - loss: {_running_loss(state):.4f}", flush=True)
 
@@ -374,6 +400,28 @@ class _progress:
 def _running_loss(state: training.TrainState) -> float:
     sums = jax.device_get(state.sums)
     return float(np.sum(sums["loss"]) / max(float(sums["examples"]), 1.0))
+
+
+LOCK = ".lock"
+
+
+def hold_lock(path: Path):
+    """Locks `path` for this process's life (the OS lets go when it exits, however it dies)."""
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise ValueError(
+            f"{path.parent} is in use by another train.py (pid {holder}); wait for it to finish, "
+            "or pick another --workdir"
+        ) from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -460,7 +508,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     flags.add_data_flags(parser)
     flags.add_sequence_flags(parser)
+    group = parser.add_argument_group(
+        "many processes (jax.distributed)",
+        "Start one train.py per host (or per device group), each with the same flags and its own "
+        "--process-id; together they train one model on all their devices, data parallel.",
+    )
+    group.add_argument(
+        "--coordinator", metavar="HOST:PORT", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+        help="address of process 0, which every process connects to (default: $JAX_COORDINATOR_ADDRESS)",
+    )  # fmt: skip
+    group.add_argument(
+        "--num-processes", type=flags.positive_int, default=_env_int("JAX_NUM_PROCESSES"),
+        help="how many processes take part (default: $JAX_NUM_PROCESSES)",
+    )  # fmt: skip
+    group.add_argument(
+        "--process-id", type=_whole, default=_env_int("JAX_PROCESS_ID"),
+        help="this process's number, 0 .. N-1; 0 writes the logs and model.h5 (default: $JAX_PROCESS_ID)",
+    )  # fmt: skip
+    group.add_argument(
+        "--distributed", action="store_true",
+        help="join a multi-process run whose settings JAX detects itself (SLURM, Open MPI, Kubernetes, Cloud TPU)",
+    )  # fmt: skip
     return parser.parse_args(argv)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value and value.strip().isdigit() else None
+
+
+def _whole(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 0, got {text!r}")
+    return int(text)
 
 
 def _minutes(text: str) -> float:
@@ -519,8 +599,9 @@ def main() -> None:
     config = config_from_args(args)
     workdir = args.workdir or Path("runs") / config.preset
     try:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.distributed)
         status = train_and_evaluate(config, workdir, args.data_dir, args.mnist_dir, args.resume)
-    except TrainingStopped as error:
+    except (TrainingStopped, distributed.DistributedError) as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         sys.exit(1)
     sys.exit(status)

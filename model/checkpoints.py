@@ -4,25 +4,44 @@ A checkpoint is the whole training state as a nested dict (parameters, batch-nor
 optimizer state, step, the running epoch's metric sums), saved synchronously: when `save`
 returns, the step is on disk. Orbax writes into a temporary directory and renames it when
 complete, so a save that dies half-way (kill -9, disk full) leaves the previous checkpoints as
-they were. Metrics passed with a save rank it for "best"; checkpoints saved without metrics
+they were; the writer removes such half-written leftovers when it opens the folder, and after a
+failed save. Metrics passed with a save rank it for "best"; checkpoints saved without metrics
 (periodic, mid-epoch) are kept only while they are among the latest.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
 BEST_METRIC = "val_sequence_acc"
+_PARTIAL = "*.orbax-checkpoint-tmp*"  # orbax's name for a save in progress
+
+
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, …); the earlier ones are untouched."""
 
 
 class Checkpoints:
-    def __init__(self, directory: str | Path, keep_latest: int = 3):
+    def __init__(self, directory: str | Path, keep_latest: int = 3, writer: bool = False):
+        """`writer`: the training run, which also cleans up half-written saves (a reader must not:
+        they may be the trainer's save in progress)."""
+        self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=False,
+            cleanup_tmp_directories=writer,
             best_fn=lambda metrics: metrics[BEST_METRIC],  # makes orbax store the metrics with a save
             best_mode="max",
             preservation_policy=policies.AnyPreservationPolicy(
@@ -37,7 +56,7 @@ class Checkpoints:
                 ]
             ),
         )
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -54,8 +73,21 @@ class Checkpoints:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
-        self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
-        self.manager.wait_until_finished()
+        """Writes the checkpoint of `step`; raises SaveError, in one sentence, if the storage refuses."""
+        kept = self.latest_step()
+        try:
+            with _quiet_orbax():
+                self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+                self.manager.wait_until_finished()
+        except Exception as error:
+            reason = _storage_failure(error)
+            if reason is None:
+                raise
+            if jax.process_index() == 0:
+                for partial in self.directory.glob(_PARTIAL):
+                    shutil.rmtree(partial, ignore_errors=True)
+            intact = f"the checkpoint of step {kept} is intact" if kept is not None else "no earlier checkpoint exists"
+            raise SaveError(f"saving step {step} in {self.directory} failed ({reason}); {intact}") from None
 
     def restore(self, step: int, template: dict[str, Any]) -> dict[str, Any]:
         """The state saved at `step`, shaped and placed (sharded) like `template`."""
@@ -68,3 +100,47 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Holds back what a save writes to stderr, and lets it through only if the save succeeds.
+
+    A failed write makes orbax log tracebacks from its worker threads, and tensorstore's callbacks
+    print more from C++ (straight to file descriptor 2); the raised error is what we report.
+    """
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+            held.seek(0)  # the save succeeded: let its messages through
+            os.write(saved_fd, held.read())
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+            logger.setLevel(level)
+
+
+def _storage_failure(error: BaseException) -> str | None:
+    """'no space left on the device' (or the OS's words) if `error` comes from the storage, else None.
+
+    Orbax raises what tensorstore reports as ValueError('RESOURCE_EXHAUSTED: …'), or an OSError.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error)
+        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "RESOURCE_EXHAUSTED" in text:
+            return "no space left on the device"
+        if isinstance(error, OSError):
+            return error.strerror or text
+        if "PERMISSION_DENIED" in text:
+            return "permission denied"
+        error = error.__cause__ or error.__context__
+    return None

@@ -124,7 +124,8 @@ def evaluate(
     """`summarize` of the network's predictions over every batch (image uint8, labels).
 
     A short last batch is padded to batch_size and masked, so one compiled shape serves all.
-    With a sharding, each batch is split over the devices along its first axis.
+    With a sharding, each batch is split over the devices along its first axis (over the devices of
+    all processes, each of which passes the same batches).
     """
     step = _eval_step(network)
     total = None
@@ -136,8 +137,8 @@ def evaluate(
             labels = np.concatenate([labels, np.zeros((batch_size - n, *labels.shape[1:]), labels.dtype)])
         mask = np.arange(batch_size) < n
         arrays = (images, labels, mask)
-        if sharding is not None:
-            arrays = tuple(jax.make_array_from_process_local_data(sharding, a) for a in arrays)
+        if sharding is not None:  # every process holds the whole batch; each device takes its rows
+            arrays = tuple(jax.make_array_from_callback(a.shape, sharding, a.__getitem__) for a in arrays)
         sums = step(variables, *arrays)
         total = sums if total is None else add(total, sums)
         if progress is not None:

@@ -4,20 +4,27 @@
 from MNIST test, so neither model selection nor the test figures ever see a training digit.
 With internet TFDS downloads MNIST as usual; offline, a folder with the four original files is
 handed to TFDS as its `manual_dir` and TFDS verifies their checksums. Either way the prepared
-data lives in TFDS's data dir and is prepared once.
+data lives in TFDS's data dir and is prepared once, by one process at a time (a file lock).
+A preparation that was cut off (its `incomplete.*` folder, or a version folder without TFDS's
+dataset_info.json) is removed and done again; prepared files that fail to read (truncated,
+damaged) are prepared again once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import os
+import shutil
 import socket
 import sys
 import urllib.parse
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging as absl_logging
 from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
@@ -73,6 +80,27 @@ def _can_reach_download_host(timeout_s: float = 5.0) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _preparing(builder: tfds.core.DatasetBuilder):
+    """Holds a lock beside the dataset's folder: processes sharing a data dir prepare it one at a time."""
+    folder = Path(builder.data_dir).parent  # <data_dir>/mnist
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".digitseq-prepare.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _remove_half_written(builder: tfds.core.DatasetBuilder) -> None:
+    """Removes what an interrupted preparation left (only called under the lock, before preparing)."""
+    version = Path(builder.data_dir)
+    leftovers = list(version.parent.glob(f"incomplete.*_{version.name}"))
+    if version.is_dir():  # not prepared, yet there: written only in part
+        leftovers.append(version)
+    for path in leftovers:
+        print(f"Removing {path}, left by an interrupted preparation of MNIST", file=sys.stderr)
+        shutil.rmtree(path)
+
+
 def prepare(data_dir: str | None = None, mnist_dir: str | None = None) -> tfds.core.DatasetBuilder:
     """Returns the TFDS `mnist` builder, preparing it first if its data dir lacks it.
 
@@ -83,6 +111,15 @@ def prepare(data_dir: str | None = None, mnist_dir: str | None = None) -> tfds.c
     builder = tfds.builder("mnist", data_dir=data_dir)
     if builder.is_prepared():
         return builder
+    with _preparing(builder):
+        builder = tfds.builder("mnist", data_dir=data_dir)
+        if builder.is_prepared():  # another process prepared it while this one waited
+            return builder
+        _remove_half_written(builder)
+        return _download_and_prepare(builder, mnist_dir)
+
+
+def _download_and_prepare(builder: tfds.core.DatasetBuilder, mnist_dir: str | None) -> tfds.core.DatasetBuilder:
     where = builder.data_dir
     if mnist_dir is not None:
         folder = Path(mnist_dir).expanduser()
@@ -125,9 +162,22 @@ def load_pool(split: str, data_dir: str | None = None, mnist_dir: str | None = N
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     builder = prepare(data_dir, mnist_dir)
-    data = tfds.as_numpy(builder.as_dataset(split=SPLITS[split], batch_size=-1, shuffle_files=False))
+    try:
+        data = _read(builder, split)
+    except tf.errors.OpError as error:  # e.g. a truncated record: prepare again, once
+        where = builder.data_dir
+        reason = (error.message or type(error).__name__).strip().splitlines()[0][:200]
+        print(f"MNIST in {where} cannot be read ({reason}); preparing it again", file=sys.stderr)
+        with _preparing(builder):
+            shutil.rmtree(where, ignore_errors=True)
+        builder = prepare(data_dir, mnist_dir)
+        data = _read(builder, split)
     images = np.ascontiguousarray(data["image"][..., 0], dtype=np.uint8)
     labels = data["label"].astype(np.int32)
     images.setflags(write=False)
     labels.setflags(write=False)
     return DigitPool(split=split, images=images, labels=labels)
+
+
+def _read(builder: tfds.core.DatasetBuilder, split: str) -> dict[str, np.ndarray]:
+    return tfds.as_numpy(builder.as_dataset(split=SPLITS[split], batch_size=-1, shuffle_files=False))

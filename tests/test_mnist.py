@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import ROOT
 
@@ -86,3 +87,22 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path, fresh_data_d
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     assert "does not exist" in result.stderr
     assert out.read_bytes() == b"an earlier export"
+
+
+def test_damaged_or_half_written_data_is_prepared_again(tmp_path, pools, capfd):
+    # A copy of the prepared MNIST with its train records cut in half, as a full disk or a killed copy leaves them.
+    version = tmp_path / "tfds" / "mnist" / "3.0.1"
+    shutil.copytree(prepare().data_dir, version)
+    records = version / "mnist-train.tfrecord-00000-of-00001"
+    records.write_bytes(records.read_bytes()[: records.stat().st_size // 2])
+    pool = mnist.load_pool("train", str(tmp_path / "tfds"))
+    assert np.array_equal(pool.images, pools["train"].images)
+    assert "cannot be read" in capfd.readouterr().err
+
+    # A preparation killed half-way: TFDS's incomplete folder, and a version folder without dataset_info.json.
+    shutil.copytree(version, version.parent / "incomplete.ABC123_3.0.1")
+    (version / "dataset_info.json").unlink()
+    pool = mnist.load_pool("test", str(tmp_path / "tfds"))
+    assert np.array_equal(pool.labels, pools["test"].labels)
+    assert sorted(p.name for p in version.parent.iterdir()) == [".digitseq-prepare.lock", "3.0.1"]
+    assert "left by an interrupted preparation" in capfd.readouterr().err
