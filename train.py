@@ -598,6 +598,8 @@ def main() -> None:
     args = parse_args()
     config = config_from_args(args)
     workdir = args.workdir or Path("runs") / config.preset
+    if args.process_id is not None and args.num_processes is not None and args.process_id >= args.num_processes:
+        raise ValueError(f"--process-id {args.process_id} must be below --num-processes {args.num_processes}")
     try:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.distributed)
         status = train_and_evaluate(config, workdir, args.data_dir, args.mnist_dir, args.resume)

@@ -269,5 +269,8 @@ def read(path: str | Path) -> tuple[nets.Network, tuple[int, int], dict, str]:
             for leaf, want in leaves.items():
                 got = variables[collection][layer_name][leaf].shape
                 if got != want.shape:
-                    raise ModelFileError(f"{path}: {layer_name}/{leaf} has shape {got}; the network needs {want.shape}")
+                    raise ModelFileError(
+                        f"{path} does not fit the network it describes ({layer_name}/{leaf} has shape {got}, the "
+                        f"network needs {want.shape}): its weights are of another preset or input size"
+                    )
     return network, image_shape, variables, preset

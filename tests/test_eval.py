@@ -54,6 +54,14 @@ def test_an_exported_file_gives_the_built_set_report(trained_workdir, reports, t
     assert result.returncode == 0, result.stderr
     assert json.loads(out.read_text())["confusion"] == reports["weights"]["confusion"]
 
+    # Sequences of up to 3 digits (28x84) for a model of 2 positions (28x56): one clear sentence.
+    wider = tmp_path / "wider.npz"
+    exported = command("-m", "pipeline.export", "--examples", "10", "--max-digits", "3", "--out", str(wider))
+    assert exported.returncode == 0, exported.stderr
+    result = command("eval.py", "--weights", str(trained_workdir / "model.h5"), "--data", str(wider))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "holds 28x84 images with 3 positions; the model reads 28x56 with 2" in result.stderr
+
 
 @pytest.mark.parametrize("name", PLOTS)
 def test_plots_are_pngs_of_sensible_size(reports, name):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import flax.linen as nn
@@ -112,8 +113,15 @@ def test_model_h5_bad_files_give_one_sentence(tmp_path):
     foreign = tmp_path / "foreign.h5"
     with h5py.File(foreign, "w") as f:
         f["x"] = np.zeros(3)
+    # The weights of the 64x64 network under a description that says 28x140: another input size.
+    relabelled = tmp_path / "relabelled.h5"
+    relabelled.write_bytes(good.read_bytes())
+    with h5py.File(relabelled, "r+") as f:
+        description = json.loads(f.attrs["digitseq"])
+        f.attrs["digitseq"] = json.dumps(description | {"image_shape": [28, 140]})
     cases = {
         tmp_path / "missing.h5": "does not exist",
+        relabelled: "does not fit the network it describes .* another preset or input size",
         truncated: "not a readable HDF5 file",
         text: "not a readable HDF5 file",
         foreign: "was not written by digitseq",

@@ -266,6 +266,8 @@ def test_two_processes_match_two_devices_in_one(tmp_path, mnist_dir):
         (["--train-examples", "100"], "cannot fill one batch of 128"),
         (["--preset", "default", "--image-size", "64x64"], "divides into 5 equal columns"),
         (["--time-budget", "0"], "--time-budget: must be a positive number of minutes"),
+        (["--num-processes", "2", "--process-id", "2"], "--process-id 2 must be below --num-processes 2"),
+        (["--process-id", "-1"], "--process-id: expected a whole number ≥ 0, got '-1'"),
     ],
 )
 def test_bad_flags_get_one_line(tmp_path, monkeypatch, capsys, flags, message):
