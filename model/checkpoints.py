@@ -120,11 +120,16 @@ def _quiet_orbax() -> Iterator[None]:
             yield
             held.seek(0)  # the save succeeded: let its messages through
             os.write(saved_fd, held.read())
+            logger.setLevel(level)
+        except BaseException:
+            # Failed: its worker threads and pending asyncio tasks may still log tracebacks as they wind
+            # down after this; the run stops with the reported error, so they stay quiet from here on.
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+            raise
         finally:
             sys.stderr.flush()
             os.dup2(saved_fd, 2)
             os.close(saved_fd)
-            logger.setLevel(level)
 
 
 def _storage_failure(error: BaseException) -> str | None:

@@ -135,9 +135,6 @@ def test_interrupted_every_way_then_rerun_ends_bit_identical(tmp_path, mnist_dir
     for name in ("loss", "sequence_acc", "val_loss", "val_sequence_acc"):
         assert last("straight")[name] == last("interrupted")[name], name
 
-    other = train(workdir, *steps, "--batch-size", "64")
-    assert other.returncode == 2 and "holds a run trained with batch_size=128" in other.stderr
-
 
 DISK_FULL = """
 set -e
@@ -233,11 +230,11 @@ def two_processes(workdir: Path, *flags: str) -> None:
 
 
 def test_two_processes_match_two_devices_in_one(tmp_path, mnist_dir):
-    flags = ["--train-examples", "512", "--epochs", "3"]  # 4 steps an epoch: a loss curve of 3 points
+    flags = ["--train-examples", "512", "--epochs", "2"]  # 4 steps an epoch: a loss curve of 2 points
     two = train(tmp_path / "two", *flags, env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
     assert two.returncode == 0, two.stderr
-    # Two processes, stopped after epoch 2 and resumed: orbax saves and restores across both.
-    two_processes(tmp_path / "procs", *flags, "--max-steps", "8")
+    # Two processes, stopped after epoch 1 and resumed: orbax saves and restores across both.
+    two_processes(tmp_path / "procs", *flags, "--max-steps", "4")
     two_processes(tmp_path / "procs", *flags)
     config = json.loads((tmp_path / "procs" / "config.json").read_text())
     assert config["devices"] == 2 and config["processes"] == 2
@@ -245,14 +242,14 @@ def test_two_processes_match_two_devices_in_one(tmp_path, mnist_dir):
     def curve(run: str) -> list[float]:
         return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
 
-    assert len(curve("procs")) == 3 and curve("procs") == pytest.approx(curve("two"), rel=1e-5)
+    assert len(curve("procs")) == 2 and curve("procs") == pytest.approx(curve("two"), rel=1e-5)
     a, b = weights(tmp_path / "two" / "model.h5"), weights(tmp_path / "procs" / "model.h5")
     assert a.keys() == b.keys()
     for name in a:
         # Float noise only: sums in another order. Adam divides by the gradient's own scale, so noise in
         # a near-zero gradient can move a weight by up to lr per step: a handful may; a real error moves many.
         off = np.abs(a[name] - b[name])
-        assert off.max() <= 12 * 3e-3 and np.mean(off > 1e-4 * np.maximum(1, np.abs(a[name]))) < 1e-3, name
+        assert off.max() <= 8 * 3e-3 and np.mean(off > 1e-4 * np.maximum(1, np.abs(a[name]))) < 1e-3, name
 
 
 @pytest.mark.parametrize(
