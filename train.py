@@ -335,7 +335,8 @@ class Run:
                     bar.advance(step - epoch * config.steps_per_epoch, self.state)
                     late = deadline is not None and time.monotonic() + finish_seconds > deadline
                     # Every process stops at the same step: a signal or the clock seen by any stops all.
-                    if distributed.any_process(interrupts.signal is not None):
+                    signalled, late = distributed.any_process(interrupts.signal is not None, late)
+                    if signalled:
                         bar.close()
                         self.save()
                         name = signal.Signals(interrupts.signal or signal.SIGTERM).name
@@ -345,7 +346,7 @@ class Run:
                         return 128 + (interrupts.signal or signal.SIGTERM)
                     if step % config.checkpoint_every == 0 and step < epoch_end:
                         self.save()
-                    if distributed.any_process(late):
+                    if late:
                         out_of_time = True
                         break
                 bar.close()

@@ -52,11 +52,13 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
-def any_process(flag: bool) -> bool:
-    """True on every process if `flag` is true on any: so that all stop at the same step."""
+def any_process(*flags: bool) -> tuple[bool, ...]:
+    """Each flag true on every process if it is true on any: so that all stop at the same step.
+    Several flags travel in one all-gather (nothing is exchanged for a single process)."""
     if jax.process_count() == 1:
-        return flag
-    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+        return flags
+    gathered = multihost_utils.process_allgather(np.array(flags, np.int32))
+    return tuple(bool(v) for v in np.any(gathered.reshape(-1, len(flags)), axis=0))
 
 
 def barrier(name: str) -> None:
