@@ -146,7 +146,7 @@ DEFAULT = Preset(
         # Downsampling 4× right away puts the convolutions where they are cheap (7×7 per digit):
         # ~1.3× the steps/s of convolving at full size first, with about its accuracy per epoch
         # (README, "Measured: accuracy and time"). Pooling before the batch norm and ReLU gives
-        # them a quarter of the pixels: ~1.15× the steps/s of conv → BN → ReLU → pool.
+        # them a quarter of the pixels: ~1.14× the steps/s of conv → BN → ReLU → pool.
         Conv("conv1", 32, kernel=4, stride=2, use_bias=False, activation=None),
         MaxPool(2),
         BatchNorm("bn1"),
