@@ -13,6 +13,10 @@ model/metrics.py, the code train.py validates with.
 from __future__ import annotations
 
 # isort: off
+import os
+import signal
+
+signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # Ctrl-C while the libraries load: no traceback
 import pipeline  # noqa: F401  (first: configures TensorFlow's logging and threads before it loads)
 
 # isort: on
@@ -29,6 +33,7 @@ from tqdm import tqdm
 
 from model import metrics, plots, trained
 from model import networks as nets
+from model.workdir import atomic_write
 from pipeline import export, flags
 from pipeline.mnist import load_pool
 from pipeline.sequences import SequenceConfig, eval_batches, numpy_batches
@@ -77,7 +82,7 @@ def report_table(figures: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = flags.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", type=Path, help="a train.py workdir: evaluates its checkpoint (see --checkpoint)")
     source.add_argument("--weights", type=Path, help="a model.h5 written by train.py: nothing else needed")
@@ -116,7 +121,7 @@ def main() -> None:
     print(report_table(figures))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=1) + "\n")
+        atomic_write(args.json, json.dumps(figures, indent=1) + "\n")
     if args.plots:
         for line in write_plots(args.plots, model, variables, first, figures):
             print(line)
@@ -133,7 +138,7 @@ def write_plots(folder: Path, model: trained.Trained, variables: dict, batch: di
         plots.confusion(folder / "confusion.png", figures["confusion"]),
     ]
     notes = []
-    records = _metrics_records(model.workdir)
+    records = model.workdir.read_metrics() if model.workdir else []
     if records:
         written.append(plots.training_curves(folder / "training_curves.png", records))
     else:
@@ -145,13 +150,6 @@ def write_plots(folder: Path, model: trained.Trained, variables: dict, batch: di
     title = f"input (true {plots.sequence_text(labels[0])}) and the first layer's activation maps"
     written.append(plots.activations(folder / "activations.png", images[0, ..., 0], maps, title))
     return [f"wrote {path}" for path in written] + notes
-
-
-def _metrics_records(workdir: Path | None) -> list[dict]:
-    path = workdir / "metrics.jsonl" if workdir else None
-    if path is None or not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _chain(first: dict, rest: Iterator[dict]) -> Iterator[dict]:

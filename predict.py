@@ -9,10 +9,13 @@ cannot be read gets one line on stderr; the others are still read; the exit stat
 from __future__ import annotations
 
 # isort: off
+import os
+import signal
+
+signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # Ctrl-C while the libraries load: no traceback
 import pipeline  # noqa: F401  (first: configures TensorFlow's logging and threads before it loads)
 
 # isort: on
-import argparse
 import sys
 from pathlib import Path
 
@@ -40,7 +43,7 @@ def probability_table(probabilities: np.ndarray) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = flags.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG/JPEG/… files")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--weights", type=Path, help=f"a model.h5 written by train.py (default: {DEFAULT_WEIGHTS})")

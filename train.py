@@ -12,17 +12,17 @@ with parameters bit-identical to an uninterrupted one.
 from __future__ import annotations
 
 # isort: off
+import os
+import signal
+
+signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # Ctrl-C while the libraries load: no traceback
 import pipeline  # noqa: F401  (first: configures TensorFlow's logging and threads before it loads)
 
 # isort: on
 import argparse
+import contextlib
 import dataclasses
-import fcntl
-import json
 import math
-import os
-import shutil
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from model import distributed, keras_h5, metrics, training
 from model import networks as nets
-from model.checkpoints import BEST_METRIC, Checkpoints, SaveError
+from model.checkpoints import BEST_METRIC, Checkpoints, SaveError, storage_failure
+from model.workdir import Workdir
 from pipeline import flags
 from pipeline.mnist import load_pool
 from pipeline.sequences import SequenceConfig, eval_batches, numpy_batches, train_batches
@@ -104,6 +105,11 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     return optax.adam(optax.warmup_cosine_decay_schedule(peak / 20, peak, warmup, planned))
 
 
+def _rerun(reason: str) -> str:
+    when = "once there is room" if "no space left" in reason else "once that is put right"
+    return f"{when}, rerun the same command to continue"
+
+
 class TrainingStopped(Exception):
     """Training cannot go on (e.g. the loss became NaN); the message says why."""
 
@@ -133,7 +139,7 @@ class Run:
 
     def __init__(self, config: Config, workdir: Path, data_dir: str | None, mnist_dir: str | None, resume: bool):
         self.started = time.monotonic()  # --time-budget counts from here: compilation and data included
-        self.config, self.workdir = config, workdir
+        self.config, self.workdir = config, Workdir(workdir)
         self.preset = nets.get_preset(config.preset)
         self.image_shape = self.preset.image_shape(config.max_digits, config.image_size)
         self.network = nets.build(self.preset, config.max_digits)
@@ -153,43 +159,44 @@ class Run:
         self._prepare_workdir(resume)
         self.train_pool = load_pool("train", data_dir, mnist_dir)
         self.val_pool = load_pool(config.validate_on, data_dir, mnist_dir)
-        self.checkpoints = Checkpoints(workdir / "checkpoints", writer=True)
+        self.checkpoints = Checkpoints(self.workdir.checkpoints, writer=True)
         self.state = self._initial_state()
         self.step_fn = training.jit_train_step(
             self.network, self.optimizer, config.seed, config.label_smoothing,
             in_shardings=(self.replicated, self.sharded), out_shardings=self.replicated,
         )  # fmt: skip
-        self.tensorboard = tf.summary.create_file_writer(str(workdir / "tensorboard")) if self.main else None
+        self.tensorboard = tf.summary.create_file_writer(str(self.workdir.tensorboard)) if self.main else None
 
     # -- workdir --
 
     def _prepare_workdir(self, resume: bool) -> None:
-        config_file = self.workdir / "config.json"
-        checkpoints = self.workdir / "checkpoints"
-        if self.workdir.is_dir() and not config_file.is_file() and any(p.name != LOCK for p in self.workdir.iterdir()):
-            raise ValueError(f"{self.workdir} is not empty and holds no digitseq run; pick a new or empty --workdir")
+        workdir = self.workdir
+        if workdir.is_foreign():
+            raise ValueError(f"{workdir} is not empty and holds no digitseq run; pick a new or empty --workdir")
         if self.main:  # one run at a time per workdir (the processes of one run share process 0's lock)
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            self.lock = hold_lock(self.workdir / LOCK)
-        has_run = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
-        if has_run and resume and config_file.is_file():
-            saved = json.loads(config_file.read_text())
+            self.lock = workdir.lock()
+            workdir.remove_partials()
+        has_run = workdir.has_checkpoint()
+        if has_run and resume and workdir.holds_a_run():
+            saved = workdir.read_config()
             ours = self._config_json()
             keys = RESUME_KEYS + (("epochs",) if ours["schedule"] != "constant" else ())  # epochs shape the schedule
             changed = [k for k in keys if saved.get(k) != ours.get(k)]
             if changed:
                 was = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
                 raise ValueError(
-                    f"{self.workdir} holds a run trained with {was}; to continue it pass the same values, "
+                    f"{workdir} holds a run trained with {was}; to continue it pass the same values, "
                     "or start over with --no-resume (discards it), or pick another --workdir"
                 )
+        if resume and not has_run and workdir.model.is_file():
+            raise ValueError(
+                f"{workdir} holds a model.h5 but no checkpoint to continue from; to train again from the start "
+                "pass --no-resume (discards model.h5 and metrics.jsonl), or pick another --workdir"
+            )
         if self.main:
             if not (has_run and resume):  # a fresh start: nothing of an earlier run may linger
-                shutil.rmtree(checkpoints, ignore_errors=True)
-                for name in ("metrics.jsonl", "model.h5"):
-                    (self.workdir / name).unlink(missing_ok=True)
-                shutil.rmtree(self.workdir / "tensorboard", ignore_errors=True)
-            _atomic_write(config_file, json.dumps(self._config_json(), indent=2) + "\n")
+                workdir.clear_run()
+            workdir.write_config(self._config_json())
         distributed.barrier("workdir prepared")
 
     def _config_json(self) -> dict:
@@ -203,24 +210,19 @@ class Run:
         variables = nets.init_variables(self.network, self.image_shape, self.config.seed)
         state = training.create_state(variables, self.optimizer, self.config.max_digits)
         state = jax.device_put(state, self.replicated)
-        step = self.checkpoints.latest_step()
-        if step is not None:
-            template = serialization.to_state_dict(state)
-            restored = self.checkpoints.restore(step, template)
-            state = serialization.from_state_dict(state, restored)
-            if self.main:
-                print(f"{PROG}: resuming {self.workdir} at step {step}", flush=True)
-                self._forget_metrics_after(step)
-        return state
+        template = serialization.to_state_dict(state)
+        found = self.checkpoints.restore_good(template, note=self.note)  # the newest intact checkpoint
+        if found is None:
+            return state
+        step, restored = found
+        if self.main:
+            print(f"{PROG}: resuming {self.workdir} at step {step}", flush=True)
+            self.workdir.trim_metrics(step)  # the steps after it will be redone
+        return serialization.from_state_dict(state, restored)
 
-    def _forget_metrics_after(self, step: int) -> None:
-        """Drops metrics.jsonl lines of steps the restored checkpoint has not seen (they will be redone)."""
-        path = self.workdir / "metrics.jsonl"
-        if path.is_file():
-            lines = path.read_text().splitlines()
-            kept = [line for line in lines if json.loads(line)["step"] <= step]
-            if len(kept) < len(lines):
-                _atomic_write(path, "".join(line + "\n" for line in kept))
+    def note(self, line: str) -> None:
+        if self.main:
+            print(f"{PROG}: note: {line}", file=sys.stderr, flush=True)
 
     # -- data --
 
@@ -258,14 +260,31 @@ class Run:
         return jax.device_get(self.state.variables)
 
     def check_finite(self) -> None:
+        """Stops the run, before anything is saved, once the loss or any parameter is NaN or infinite."""
         loss = float(np.sum(jax.device_get(self.state.sums["loss"])))
         if not math.isfinite(loss):
+            what = f"the loss became {loss}"
+        elif not bool(jax.device_get(training.all_finite(self.state.variables))):
+            what = "the parameters became NaN or infinite"
+        else:
+            return
+        kept = self.checkpoints.latest_step()
+        where = f"the last good checkpoint (step {kept}) is kept" if kept is not None else "no checkpoint was saved"
+        raise TrainingStopped(
+            f"{what} by step {int(self.state.step)}; training stopped and {where} in "
+            f"{self.workdir.checkpoints} (try a smaller --learning-rate)"
+        )
+
+    @contextlib.contextmanager
+    def writing(self, path: Path) -> Iterator[None]:
+        """A failed write of `path` (disk full, …) stops the run in one sentence, like a failed checkpoint."""
+        try:
+            yield
+        except OSError as error:
             kept = self.checkpoints.latest_step()
-            where = f"the last good checkpoint (step {kept}) is kept" if kept is not None else "no checkpoint was saved"
-            raise TrainingStopped(
-                f"the loss became {loss} by step {int(self.state.step)}; training stopped and {where} in "
-                f"{self.workdir / 'checkpoints'} (try a smaller --learning-rate)"
-            )
+            intact = f"the checkpoint of step {kept} is intact" if kept is not None else "no checkpoint exists yet"
+            reason = storage_failure(error)
+            raise TrainingStopped(f"writing {path} failed ({reason}); {intact}; {_rerun(reason)}") from None
 
     def save(self, val_figures: dict | None = None) -> None:
         self.check_finite()
@@ -276,21 +295,21 @@ class Run:
         try:
             self.checkpoints.save(step, serialization.to_state_dict(self.state), best)
         except SaveError as error:
-            raise TrainingStopped(f"{error}; once there is room, rerun the same command to continue") from None
+            raise TrainingStopped(f"{error}; {_rerun(str(error))}") from None
 
     def write_model(self) -> None:
         if self.main:
-            variables = self.host_variables()
-            keras_h5.write(self.workdir / "model.h5", self.network, self.image_shape, variables, self.preset.name)
+            variables, step = self.host_variables(), int(self.state.step)
+            with self.writing(self.workdir.model):
+                keras_h5.write(self.workdir.model, self.network, self.image_shape, variables, self.preset.name, step)
 
     def log_epoch(self, epoch: float, seconds: float, steps: int, train: dict, val: dict) -> None:
         if not self.main:
             return
         record = {"epoch": epoch, "step": int(self.state.step), "seconds": round(seconds, 3)}
         record |= metrics.flat(train) | metrics.flat(val, "val_")
-        path = self.workdir / "metrics.jsonl"
-        earlier = path.read_text() if path.is_file() else ""
-        _atomic_write(path, earlier + json.dumps(record) + "\n")  # whole lines or nothing, even on a full disk
+        with self.writing(self.workdir.metrics_file):
+            self.workdir.append_metrics(record)
         with self.tensorboard.as_default(step=record["step"]):
             for name, value in record.items():
                 if name not in ("epoch", "step", "seconds"):
@@ -308,10 +327,12 @@ class Run:
         step = int(self.state.step)
         total = config.total_steps
         if step >= total:
+            # Bring model.h5 up to the checkpoint: a kill or a full disk between the two can leave it behind.
+            if self.main and keras_h5.recorded_step(self.workdir.model) != step:
+                self.write_model()
+                print(f"{PROG}: wrote {self.workdir.model} of step {step} (it was missing or older)", flush=True)
             if self.main:
                 print(f"{PROG}: {self.workdir} is already trained to step {step}; nothing to do", flush=True)
-            if not (self.workdir / "model.h5").is_file():
-                self.write_model()
             return 0
         interrupts = Interrupts()
         batches = self.batches(step)
@@ -341,7 +362,7 @@ class Run:
                         self.save()
                         name = signal.Signals(interrupts.signal or signal.SIGTERM).name
                         if self.main:
-                            print(f"{PROG}: {name}: saved step {step} in {self.workdir / 'checkpoints'}; "
+                            print(f"{PROG}: {name}: saved step {step} in {self.workdir.checkpoints}; "
                                   "rerun the same command to continue", file=sys.stderr, flush=True)  # fmt: skip
                         return 128 + (interrupts.signal or signal.SIGTERM)
                     if step % config.checkpoint_every == 0 and step < epoch_end:
@@ -365,10 +386,16 @@ class Run:
                           f"of {total}, everything saved; rerun the same command to go on", flush=True)  # fmt: skip
                 if out_of_time:
                     return 0
+            if interrupts.signal is not None:  # it came while the last epoch was being finished
+                name = signal.Signals(interrupts.signal).name
+                if self.main:
+                    print(f"{PROG}: {name} while finishing: the run is complete and saved at step {step}",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                return 128 + interrupts.signal
         finally:
             interrupts.restore()
         if self.main:
-            print(f"{PROG}: done at step {step}; model: {self.workdir / 'model.h5'}", flush=True)
+            print(f"{PROG}: done at step {step}; model: {self.workdir.model}", flush=True)
         return 0
 
 
@@ -403,39 +430,11 @@ def _running_loss(state: training.TrainState) -> float:
     return float(np.sum(sums["loss"]) / max(float(sums["examples"]), 1.0))
 
 
-LOCK = ".lock"
-
-
-def hold_lock(path: Path):
-    """Locks `path` for this process's life (the OS lets go when it exits, however it dies)."""
-    handle = open(path, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise ValueError(
-            f"{path.parent} is in use by another train.py (pid {holder}); wait for it to finish, "
-            "or pick another --workdir"
-        ) from None
-    handle.truncate(0)
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    partial.replace(path)
-
-
 # --- command line ------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = flags.ArgumentParser(
         prog=PROG,
         description="Train a digit-sequence reader and keep everything in its workdir "
         "(config.json, metrics.jsonl, checkpoints/, tensorboard/, model.h5). Rerunning the same "
@@ -580,8 +579,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_steps=args.max_steps,
         time_budget=args.time_budget,
     )
-    if not config.learning_rate > 0:
-        raise ValueError(f"--learning-rate must be positive, not {config.learning_rate}")
+    if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
+        raise ValueError(f"--learning-rate must be positive and finite, not {config.learning_rate}")
     if not 0 <= config.label_smoothing < 1:
         raise ValueError(f"--label-smoothing must be in [0, 1), not {config.label_smoothing}")
     if train_examples is not None and train_examples < config.batch_size:
@@ -605,7 +604,8 @@ def main() -> None:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.distributed)
         status = train_and_evaluate(config, workdir, args.data_dir, args.mnist_dir, args.resume)
     except (TrainingStopped, distributed.DistributedError) as error:
-        print(f"{PROG}: {error}", file=sys.stderr)
+        print(f"{PROG}: {error}", file=sys.stderr, flush=True)
+        flags.quiet_stderr()  # what failed, failed: orbax's winding-down threads may still print tracebacks
         sys.exit(1)
     sys.exit(status)
 

@@ -18,13 +18,16 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
+
+from model.workdir import first_line
 
 BEST_METRIC = "val_sequence_acc"
 _PARTIAL = "*.orbax-checkpoint-tmp*"  # orbax's name for a save in progress
@@ -39,6 +42,7 @@ class Checkpoints:
         """`writer`: the training run, which also cleans up half-written saves (a reader must not:
         they may be the trainer's save in progress)."""
         self.directory = Path(directory).absolute()
+        self.writer = writer
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=False,
             cleanup_tmp_directories=writer,
@@ -80,7 +84,7 @@ class Checkpoints:
                 self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
                 self.manager.wait_until_finished()
         except Exception as error:
-            reason = _storage_failure(error)
+            reason = storage_failure(error)
             if reason is None:
                 raise
             if jax.process_index() == 0:
@@ -89,14 +93,53 @@ class Checkpoints:
             intact = f"the checkpoint of step {kept} is intact" if kept is not None else "no earlier checkpoint exists"
             raise SaveError(f"saving step {step} in {self.directory} failed ({reason}); {intact}") from None
 
-    def restore(self, step: int, template: dict[str, Any]) -> dict[str, Any]:
-        """The state saved at `step`, shaped and placed (sharded) like `template`."""
+    def restore(self, step: int, template: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The state saved at `step`, shaped and placed (sharded) like `template` (as saved without one)."""
         return self.manager.restore(step, args=ocp.args.StandardRestore(template))
 
-    def restore_variables(self, step: int) -> dict[str, Any]:
-        """Only the network's variables (params, batch_stats) of the checkpoint at `step`, as saved."""
-        state = self.manager.restore(step, args=ocp.args.StandardRestore())
-        return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+    def restore_good(
+        self, template: dict[str, Any] | None = None, prefer: int | None = None, note: Callable[[str], None] = print
+    ) -> tuple[int, dict[str, Any]] | None:
+        """The newest checkpoint that reads back whole with finite parameters: (step, state), or None if
+        there is no checkpoint. `prefer` is tried first. A damaged one is skipped with a one-line `note`
+        (the writer moves it aside to STEP.damaged, so that training does not meet it again); one that
+        vanishes while read (the trainer's clean-up) is skipped silently.
+        """
+        tried: set[int] = set()
+        while True:
+            self.manager.reload()
+            steps = sorted(set(self.all_steps()) - tried, reverse=True)
+            if prefer is not None and prefer in steps:
+                steps.insert(0, steps.pop(steps.index(prefer)))
+            if not steps:
+                if tried:
+                    raise ValueError(f"no checkpoint in {self.directory} can be read; start over with --no-resume")
+                return None
+            step = steps[0]
+            tried.add(step)
+            try:
+                state = self.restore(step, template)
+            except FileNotFoundError:
+                continue
+            except Exception as error:  # orbax and tensorstore raise ValueError, OSError, …
+                if not (self.directory / str(step)).is_dir():
+                    continue  # removed while being read
+                self._set_aside(step, f"cannot be read ({first_line(error)})", note)
+                continue
+            if not _finite(state):
+                self._set_aside(step, "holds parameters that are not finite (NaN or inf)", note)
+                continue
+            return step, state
+
+    def _set_aside(self, step: int, why: str, note: Callable[[str], None]) -> None:
+        where = self.directory / str(step)
+        if self.writer and jax.process_index() == 0:
+            aside = where.with_name(f"{step}.damaged")
+            shutil.rmtree(aside, ignore_errors=True)
+            where.rename(aside)
+            note(f"checkpoint {where} {why}: moved aside to {aside.name}; using the one before")
+        else:
+            note(f"checkpoint {where} {why}; using the one before")
 
     def close(self) -> None:
         self.manager.close()
@@ -132,7 +175,13 @@ def _quiet_orbax() -> Iterator[None]:
             os.close(saved_fd)
 
 
-def _storage_failure(error: BaseException) -> str | None:
+def _finite(state: dict[str, Any]) -> bool:
+    variables = [state.get("params", {}), state.get("batch_stats", {})]
+    local = [x.addressable_data(0) if isinstance(x, jax.Array) else x for x in jax.tree.leaves(variables)]
+    return all(bool(np.isfinite(np.asarray(x)).all()) for x in local)
+
+
+def storage_failure(error: BaseException) -> str | None:
     """'no space left on the device' (or the OS's words) if `error` comes from the storage, else None.
 
     Orbax raises what tensorstore reports as ValueError('RESOURCE_EXHAUSTED: …'), or an OSError.

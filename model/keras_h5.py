@@ -13,8 +13,8 @@ rebuild the same Flax network without Keras, whatever the presets look like by t
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import os
 from pathlib import Path
 
 import h5py
@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from model import networks as nets
+from model.workdir import atomic_write, first_line
 
 KERAS_VERSION = "3.15.1"  # the layout written; Keras 3 reads it
 FORMAT = 1
@@ -188,9 +189,20 @@ def _strings(values: list[str]) -> np.ndarray:
     return np.array(values, dtype=h5py.string_dtype())
 
 
-def write(path: str | Path, network: nets.Network, image_shape: tuple[int, int], variables: dict, preset: str) -> None:
-    """Writes model.h5 atomically: a failed write leaves any previous file as it was."""
-    path = Path(path)
+def write(
+    path: str | Path,
+    network: nets.Network,
+    image_shape: tuple[int, int],
+    variables: dict,
+    preset: str,
+    step: int | None = None,
+) -> None:
+    """Writes model.h5 atomically: a failed write leaves any previous file as it was.
+
+    `step`: the training step of the weights, recorded so that a rerun can tell a stale file.
+    The file is built in memory and written by `atomic_write`: HDF5 never meets a full disk
+    (where it crashes) and a failed write is one OSError.
+    """
     graph, outputs = _keras_graph(network.layers, network.positions, image_shape, variables)
     model_config = {
         "class_name": "Functional",
@@ -208,28 +220,35 @@ def write(path: str | Path, network: nets.Network, image_shape: tuple[int, int],
         "positions": network.positions,
         "image_shape": list(image_shape),
         "layers": [_spec_to_json(layer) for layer in network.layers],
+        "step": step,
     }
-    partial = path.with_name(f".{path.name}.partial")
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as file:
+        file.attrs["model_config"] = json.dumps(model_config)
+        file.attrs["keras_version"] = KERAS_VERSION
+        file.attrs["backend"] = "tensorflow"
+        file.attrs["digitseq"] = json.dumps(description)
+        weights = file.create_group("model_weights")
+        weights.attrs["layer_names"] = _strings([layer["name"] for layer in graph.layers])
+        weights.attrs["keras_version"] = KERAS_VERSION
+        weights.attrs["backend"] = "tensorflow"
+        for layer in graph.layers:
+            group = weights.create_group(layer["name"])
+            named = graph.weights.get(layer["name"], [])
+            group.attrs["weight_names"] = _strings([name for name, _ in named])
+            for name, value in named:
+                group.create_dataset(name, data=value)
+    atomic_write(path, buffer.getvalue())
+
+
+def recorded_step(path: str | Path) -> int | None:
+    """The training step a model.h5 records (None: no file, not readable, or no step recorded)."""
     try:
-        with h5py.File(partial, "w") as file:
-            file.attrs["model_config"] = json.dumps(model_config)
-            file.attrs["keras_version"] = KERAS_VERSION
-            file.attrs["backend"] = "tensorflow"
-            file.attrs["digitseq"] = json.dumps(description)
-            weights = file.create_group("model_weights")
-            weights.attrs["layer_names"] = _strings([layer["name"] for layer in graph.layers])
-            weights.attrs["keras_version"] = KERAS_VERSION
-            weights.attrs["backend"] = "tensorflow"
-            for layer in graph.layers:
-                group = weights.create_group(layer["name"])
-                named = graph.weights.get(layer["name"], [])
-                group.attrs["weight_names"] = _strings([name for name, _ in named])
-                for name, value in named:
-                    group.create_dataset(name, data=value)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+        with h5py.File(path, "r") as file:
+            step = json.loads(file.attrs["digitseq"]).get("step")
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 def read(path: str | Path) -> tuple[nets.Network, tuple[int, int], dict, str]:
@@ -252,7 +271,13 @@ def read(path: str | Path) -> tuple[nets.Network, tuple[int, int], dict, str]:
             preset = str(description["preset"])
         except (KeyError, TypeError, ValueError) as error:
             raise ModelFileError(f"{path} has an unreadable digitseq description ({error})") from None
-        expected = jax.eval_shape(lambda: nets.init_variables(network, image_shape, 0))
+        try:
+            expected = jax.eval_shape(lambda: nets.init_variables(network, image_shape, 0))
+        except (TypeError, ValueError) as error:
+            raise ModelFileError(
+                f"{path} has a digitseq description that does not make a network "
+                f"(image shape {list(image_shape)}: {first_line(error)}); the file was altered"
+            ) from None
         batch_norms = {layer.name for layer in layers if isinstance(layer, nets.BatchNorm)}
         variables: dict = {collection: {} for collection in expected}
         try:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import sys
 from pathlib import Path
 
 from model import keras_h5
 from model import networks as nets
 from model.checkpoints import Checkpoints
+from model.workdir import Workdir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,27 +18,34 @@ class Trained:
     image_shape: tuple[int, int]
     variables: dict
     description: str  # what was loaded, for reports
-    workdir: Path | None  # the training run it came from, when known (its metrics.jsonl)
+    workdir: Workdir | None  # the training run it came from, when known (its metrics.jsonl)
 
 
-def from_workdir(workdir: Path, checkpoint: str = "best") -> Trained:
-    """The workdir's checkpoint: "best" (highest validation sequence accuracy) or "latest"."""
-    config_file = workdir / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"{workdir} is not a training workdir (no config.json); pass a folder train.py wrote")
-    config = json.loads(config_file.read_text())
-    checkpoints = Checkpoints(workdir / "checkpoints")
-    step = checkpoints.best_step() if checkpoint == "best" else None
-    step = step if step is not None else checkpoints.latest_step()
-    if step is None:
-        raise ValueError(f"{workdir} has no checkpoint yet; train first (python train.py --workdir {workdir})")
+def _note(line: str) -> None:
+    print(f"note: {line}", file=sys.stderr, flush=True)
+
+
+def from_workdir(path: Path, checkpoint: str = "best") -> Trained:
+    """The workdir's checkpoint: "best" (highest validation sequence accuracy) or "latest".
+
+    A damaged checkpoint is skipped, with a note, for the newest intact one.
+    """
+    workdir = Workdir(path)
+    config = workdir.read_config()
+    checkpoints = Checkpoints(workdir.checkpoints)
+    prefer = checkpoints.best_step() if checkpoint == "best" else None
+    found = checkpoints.restore_good(prefer=prefer, note=_note)
+    if found is None:
+        raise ValueError(f"{path} has no checkpoint yet; train first (python train.py --workdir {path})")
+    step, state = found
+    variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
     network = nets.build(nets.get_preset(config["preset"]), config["max_digits"])
-    description = f"{workdir} step {step} ({config['preset']})"
-    return Trained(network, tuple(config["image_size"]), checkpoints.restore_variables(step), description, workdir)
+    description = f"{path} step {step} ({config['preset']})"
+    return Trained(network, tuple(config["image_size"]), variables, description, workdir)
 
 
 def from_weights(path: Path) -> Trained:
     """A model.h5 written by train.py: the network is rebuilt from the file."""
     network, image_shape, variables, preset = keras_h5.read(path)
-    workdir = path.parent if (path.parent / "metrics.jsonl").is_file() else None
-    return Trained(network, image_shape, variables, f"{path} ({preset})", workdir)
+    workdir = Workdir(path.parent)
+    return Trained(network, image_shape, variables, f"{path} ({preset})", workdir if workdir.holds_a_run() else None)

@@ -82,6 +82,12 @@ def train_step(
     )
 
 
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """True when no leaf of `tree` holds a NaN or an infinity."""
+    return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]))
+
+
 def jit_train_step(
     network: nets.Network,
     optimizer: optax.GradientTransformation,

@@ -70,7 +70,7 @@ def time_baseline(pool: DigitPool, config: SequenceConfig, args: argparse.Namesp
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = flags.ArgumentParser(
         prog="python -m pipeline.benchmark",
         description="Sequences/s from the tf.data pipeline (as NumPy batches) beside the notebook's "
         "one-example-at-a-time loop, measured in the same run. Last line: JSON.",

@@ -9,8 +9,9 @@ eval.py builds for that split, seed and size. The file appears whole or not at a
 from __future__ import annotations
 
 import argparse
+import io
 import os
-import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -32,28 +33,27 @@ def build(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write(path: Path, images: np.ndarray, labels: np.ndarray, attrs: dict[str, object]) -> None:
-    """Writes atomically: a temporary file in the same folder, renamed into place when complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would surprise whoever shares the file
-    try:
-        if path.suffix == ".h5":
-            import h5py
+    """Writes atomically: the file is built in memory, written to a hidden `.NAME.partial` beside it
+    and renamed into place when complete. A failed write removes the partial; one left by a kill -9
+    is replaced by the next export to the same path."""
+    buffer = io.BytesIO()
+    if path.suffix == ".h5":
+        import h5py
 
-            with h5py.File(tmp, "w") as f:
-                f.create_dataset("images", data=images, compression="gzip", chunks=True)
-                f.create_dataset("labels", data=labels, compression="gzip", chunks=True)
-                f.attrs.update(attrs)
-        else:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, images=images, labels=labels)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with h5py.File(buffer, "w") as f:
+            f.create_dataset("images", data=images, compression="gzip", chunks=True)
+            f.create_dataset("labels", data=labels, compression="gzip", chunks=True)
+            f.attrs.update(attrs)
+    else:
+        np.savez_compressed(buffer, images=images, labels=labels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_bytes(buffer.getvalue())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -70,8 +70,9 @@ def read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         else:
             with np.load(path) as f:
                 images, labels = f["images"], f["labels"]
-    except (OSError, KeyError, ValueError) as error:
-        raise ValueError(f"{path} is not a readable sequence file with 'images' and 'labels' ({error})") from None
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path} is not a readable sequence file with 'images' and 'labels' ({why})") from None
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
     if images.ndim != 3 or labels.ndim != 2 or len(images) != len(labels) or not len(images):
@@ -80,13 +81,16 @@ def read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         )
     if images.dtype != np.uint8:
         raise ValueError(f"{path}: images must be uint8 (0-255), not {images.dtype}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.issubdtype(labels.dtype, np.floating) or not np.array_equal(labels, np.round(labels)):
+            raise ValueError(f"{path}: labels must be whole numbers (0-9, 10 for blank), not {labels.dtype} values")
     if labels.min() < 0 or labels.max() > 10:
         raise ValueError(f"{path}: labels must be 0-9 for digits and 10 for blank")
     return images, labels.astype(np.int32)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = flags.ArgumentParser(
         prog="python -m pipeline.export",
         description="Write a fixed set of stitched digit sequences: images uint8 [N, H, W], labels int32 "
         "[N, max_digits] (10 = blank). .npz, or .h5 when --out ends in .h5.",

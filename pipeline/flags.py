@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Callable
 
 from pipeline.mnist import MnistError
 from pipeline.sequences import SequenceConfig, parse_image_size
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a mistake said in one line: what is wrong, and where the usage is."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _image_size(text: str) -> tuple[int, int] | None:
@@ -61,10 +70,15 @@ def sequence_config(args: argparse.Namespace, augment: bool = False) -> Sequence
 
 def run(main: Callable[[], None], prog: str) -> None:
     """Runs a command's main; a user's mistake becomes one line on stderr and exit status 2."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt, handled below
     try:
         main()
     except (MnistError, ValueError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except (FileExistsError, NotADirectoryError) as error:  # a folder asked for where a file stands
+        print(f"{prog}: error: cannot make the folder {error.filename}: a file stands in its path; "
+              "pick another path", file=sys.stderr)  # fmt: skip
         sys.exit(2)
     except OSError as error:  # the filesystem said no: disk full, permission denied, …
         where = f": {error.filename}" if error.filename else ""
@@ -72,4 +86,15 @@ def run(main: Callable[[], None], prog: str) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
+        quiet_stderr()
         sys.exit(130)
+
+
+def quiet_stderr() -> None:
+    """Sends whatever is still written to stderr (by threads winding down, by C++) to /dev/null: for
+    a command that has said in one line why it stops."""
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (kept open until exit)

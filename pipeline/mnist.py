@@ -41,6 +41,7 @@ MNIST_FILES = (
 _DOWNLOAD_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
 
 absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS's chatter; what matters is said below
+tfds.disable_progress_bar()  # dozens of lines on a pipe, even before a checksum error
 
 
 class MnistError(RuntimeError):

@@ -54,14 +54,16 @@ def test_seed_preset_writes_the_whole_workdir(tmp_path, mnist_dir):
 
 
 def test_time_budget_stops_validated_and_saved(tmp_path, mnist_dir):
+    # A budget spent before the first step ends (loading MNIST and compiling take longer on any machine):
+    # the run stops after that one step, validated and saved, whatever the machine's speed.
     workdir = tmp_path / "budget"
-    result = train(workdir, "--max-digits", "1", "--time-budget", "0.4")  # 24 s: a few dozen of 2,340 steps
+    result = train(workdir, "--max-digits", "1", "--time-budget", "0.001")
     assert result.returncode == 0, result.stderr
-    assert "time budget of 0.4 min is spent" in result.stdout and "everything saved" in result.stdout
+    assert "time budget of 0.001 min is spent: stopped at step 1 of 3744" in result.stdout
+    assert "everything saved" in result.stdout
     (record,) = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert 0 < record["step"] < 2340 and 0 < record["epoch"] < 1 and "val_sequence_acc" in record
-    assert str(record["step"]) in [p.name for p in (workdir / "checkpoints").iterdir()]
-    assert (workdir / "model.h5").is_file()
+    assert record["step"] == 1 and 0 < record["epoch"] < 1 and "val_sequence_acc" in record
+    assert steps_saved(workdir) == [1] and (workdir / "model.h5").is_file()
     # The default recipe's cosine schedule is planned over its epochs: continuing under others is refused.
     other = train(workdir, "--max-digits", "1", "--epochs", "3")
     assert other.returncode == 2 and "holds a run trained with epochs=8" in other.stderr
@@ -165,10 +167,11 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, mnist_di
     assert run.returncode == 0
     stderr = (tmp_path / "stderr").read_text()
     assert (tmp_path / "status").read_text().strip() == "1"
-    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == (
+    # One line, and nothing after it (orbax's threads winding down once printed tracebacks there).
+    assert stderr.strip().splitlines() == [
         f"train.py: saving step 3 in {disk}/run/checkpoints failed (no space left on the device); the checkpoint "
         "of step 2 is intact; once there is room, rerun the same command to continue"
-    )
+    ]
     assert (tmp_path / "listing").read_text().split() == ["1", "2"]  # the half-written step 3 is removed
     assert (tmp_path / "restored").read_text().strip() == "2"
 
@@ -260,6 +263,7 @@ def test_two_processes_match_two_devices_in_one(tmp_path, mnist_dir):
         (["--preset", "big"], "invalid choice: 'big'"),
         (["--max-digits", "0"], "--max-digits: must be at least 1"),
         (["--learning-rate", "0"], "--learning-rate must be positive"),
+        (["--learning-rate", "inf"], "--learning-rate must be positive and finite, not inf"),
         (["--train-examples", "100"], "cannot fill one batch of 128"),
         (["--preset", "default", "--image-size", "64x64"], "divides into 5 equal columns"),
         (["--time-budget", "0"], "--time-budget: must be a positive number of minutes"),
