@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import logging
 import os
 import shutil
 import sys
 import tempfile
+import threading
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,8 +29,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
-
-from model.workdir import first_line
 
 BEST_METRIC = "val_sequence_acc"
 _PARTIAL = "*.orbax-checkpoint-tmp*"  # orbax's name for a save in progress
@@ -118,13 +119,14 @@ class Checkpoints:
             step = steps[0]
             tried.add(step)
             try:
-                state = self.restore(step, template)
+                with _quiet_orbax():
+                    state = self.restore(step, template)
             except FileNotFoundError:
                 continue
-            except Exception as error:  # orbax and tensorstore raise ValueError, OSError, …
+            except Exception:  # orbax and tensorstore raise ValueError, OSError, Exception, …
                 if not (self.directory / str(step)).is_dir():
                     continue  # removed while being read
-                self._set_aside(step, f"cannot be read ({first_line(error)})", note)
+                self._set_aside(step, "cannot be read (damaged or incomplete)", note)
                 continue
             if not _finite(state):
                 self._set_aside(step, "holds parameters that are not finite (NaN or inf)", note)
@@ -165,14 +167,31 @@ def _quiet_orbax() -> Iterator[None]:
             os.write(saved_fd, held.read())
             logger.setLevel(level)
         except BaseException:
-            # Failed: its worker threads and pending asyncio tasks may still log tracebacks as they wind
-            # down after this; the run stops with the reported error, so they stay quiet from here on.
+            # Failed: its worker threads, pending asyncio tasks and tensorstore's callbacks may still
+            # print tracebacks as they wind down, now or later ("Event loop is closed", "Exception
+            # ignored in <coroutine …>"); the error is reported by the caller, so they stay quiet.
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+            _drop_stragglers()
+            gc.collect()  # most of them now, while stderr is still held
             raise
         finally:
             sys.stderr.flush()
             os.dup2(saved_fd, 2)
             os.close(saved_fd)
+
+
+def _drop_stragglers() -> None:
+    """From now on, exceptions raised inside orbax or asyncio code that nobody awaits any more are
+    not printed; every other one still is."""
+
+    def straggler(error: BaseException | None) -> bool:
+        frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+        return any("/orbax/" in f.filename or "/asyncio/" in f.filename for f in frames)
+
+    unraisable, uncaught, in_thread = sys.unraisablehook, sys.excepthook, threading.excepthook
+    sys.unraisablehook = lambda u: None if straggler(u.exc_value) else unraisable(u)
+    sys.excepthook = lambda kind, error, tb: None if straggler(error) else uncaught(kind, error, tb)
+    threading.excepthook = lambda args: None if straggler(args.exc_value) else in_thread(args)
 
 
 def _finite(state: dict[str, Any]) -> bool:

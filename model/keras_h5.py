@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from model import networks as nets
-from model.workdir import atomic_write, first_line
+from model.workdir import atomic_write
 
 KERAS_VERSION = "3.15.1"  # the layout written; Keras 3 reads it
 FORMAT = 1
@@ -185,6 +185,11 @@ def _keras_graph(layers, positions: int, image_shape: tuple[int, int], variables
 # --- files -------------------------------------------------------------------------------------
 
 
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:160]
+
+
 def _strings(values: list[str]) -> np.ndarray:
     return np.array(values, dtype=h5py.string_dtype())
 
@@ -276,7 +281,7 @@ def read(path: str | Path) -> tuple[nets.Network, tuple[int, int], dict, str]:
         except (TypeError, ValueError) as error:
             raise ModelFileError(
                 f"{path} has a digitseq description that does not make a network "
-                f"(image shape {list(image_shape)}: {first_line(error)}); the file was altered"
+                f"(image shape {list(image_shape)}: {_first_line(error)}); the file was altered"
             ) from None
         batch_norms = {layer.name for layer in layers if isinstance(layer, nets.BatchNorm)}
         variables: dict = {collection: {} for collection in expected}

@@ -51,12 +51,6 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
         raise
 
 
-def first_line(error: BaseException) -> str:
-    """An exception's first line, short enough for a one-line message."""
-    lines = str(error).strip().splitlines()
-    return (lines[0] if lines else type(error).__name__)[:160]
-
-
 def read_json(path: Path) -> dict:
     """A JSON file as a dict; a damaged one is named in a ValueError."""
     try:

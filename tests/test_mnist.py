@@ -61,6 +61,12 @@ def test_corrupted_file_fails_its_checksum_by_name(tmp_path, fresh_data_dir, mni
     victim.write_bytes(bytes(data))
     with pytest.raises(MnistError, match="t10k-labels-idx1-ubyte.gz .* failed its checksum"):
         prepare(fresh_data_dir, str(folder))
+    # As a command: the preparation's one line, then the error's; no progress bars between them.
+    export = [sys.executable, "-m", "pipeline.export", "--out", str(tmp_path / "x.npz"), "--data-dir", fresh_data_dir]
+    result = subprocess.run([*export, "--mnist-dir", str(folder)], cwd=ROOT, capture_output=True, text=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 2, result.stderr
+    assert lines[0].startswith("Preparing MNIST") and "failed its checksum" in lines[1]
 
 
 def test_command_line_error_is_one_line_without_traceback(tmp_path, fresh_data_dir):

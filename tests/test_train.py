@@ -151,7 +151,7 @@ set -e
 ls "$DISK/run/checkpoints" > "$OUT/listing"
 python -c "
 import sys; from model.checkpoints import Checkpoints; from model import keras_h5
-c = Checkpoints(sys.argv[1] + '/checkpoints'); c.restore_variables(c.latest_step())
+c = Checkpoints(sys.argv[1] + '/checkpoints'); c.restore(c.latest_step())
 keras_h5.read(sys.argv[1] + '/model.h5'); print(c.latest_step())" "$DISK/run" > "$OUT/restored"
 """
 
