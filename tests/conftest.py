@@ -13,6 +13,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory) -> None:
+    """One JAX compilation cache for every command the tests run: the same networks compile once."""
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+
+
 @pytest.fixture(scope="session")
 def mnist_dir() -> str:
     from pipeline.mnist import MNIST_FILES
