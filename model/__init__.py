@@ -1,1 +1,1 @@
-"""Model side of digitseq: the Flax networks, metrics and model.h5 I/O (arriving with issue #3)."""
+"""Model side of digitseq: the Flax networks, the train step, metrics, checkpoints, the workdir and model.h5."""
