@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from model import distributed, keras_h5, metrics, training
+from model import distributed, keras_h5, metrics, trained, training
 from model import networks as nets
 from model.checkpoints import BEST_METRIC, Checkpoints, SaveError, storage_failure
 from model.workdir import Workdir
@@ -179,6 +179,7 @@ class Run:
         has_run = workdir.has_checkpoint()
         if has_run and resume and workdir.holds_a_run():
             saved = workdir.read_config()
+            self.network = self._recorded_network(saved)
             ours = self._config_json()
             keys = RESUME_KEYS + (("epochs",) if ours["schedule"] != "constant" else ())  # epochs shape the schedule
             changed = [k for k in keys if saved.get(k) != ours.get(k)]
@@ -199,9 +200,21 @@ class Run:
             workdir.write_config(self._config_json())
         distributed.barrier("workdir prepared")
 
+    def _recorded_network(self, saved: dict) -> nets.Network:
+        """A run continues with the network it started with, even if its preset has changed since."""
+        variables = None
+        if "layers" not in saved:  # recorded before networks were: its checkpoint must fit today's preset
+            found = Checkpoints(self.workdir.checkpoints).restore_good(note=self.note)
+            variables = found[1] if found else nets.init_variables(self.network, self.image_shape, 0)
+        network = trained.recorded_network(self.workdir, saved, variables)
+        if network.layers != self.preset.layers:
+            self.note(f"{self.workdir} continues with the network it recorded, not today's {self.preset.name} preset")
+        return network
+
     def _config_json(self) -> dict:
         out = dataclasses.asdict(self.config)
         out["image_size"] = list(self.image_shape)
+        out["layers"] = nets.layers_to_json(self.network.layers)
         out["devices"] = jax.device_count()
         out["processes"] = jax.process_count()
         return out

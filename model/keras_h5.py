@@ -12,7 +12,6 @@ rebuild the same Flax network without Keras, whatever the presets look like by t
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 from pathlib import Path
@@ -32,20 +31,6 @@ _BATCH_NORM_NAMES = {"scale": "gamma", "bias": "beta", "mean": "moving_mean", "v
 
 class ModelFileError(ValueError):
     """A model.h5 that cannot be read, with a sentence saying why."""
-
-
-# --- layer specs as JSON -----------------------------------------------------------------------
-
-_SPEC_TYPES = {cls.__name__: cls for cls in nets.Layer.__args__}
-
-
-def _spec_to_json(layer: nets.Layer) -> dict:
-    return {"type": type(layer).__name__, **dataclasses.asdict(layer)}
-
-
-def _spec_from_json(entry: dict) -> nets.Layer:
-    fields = dict(entry)
-    return _SPEC_TYPES[fields.pop("type")](**fields)
 
 
 # --- Keras model config --------------------------------------------------------------------------
@@ -224,7 +209,7 @@ def write(
         "preset": preset,
         "positions": network.positions,
         "image_shape": list(image_shape),
-        "layers": [_spec_to_json(layer) for layer in network.layers],
+        "layers": nets.layers_to_json(network.layers),
         "step": step,
     }
     buffer = io.BytesIO()
@@ -270,7 +255,7 @@ def read(path: str | Path) -> tuple[nets.Network, tuple[int, int], dict, str]:
             raise ModelFileError(f"{path} was not written by digitseq (it lacks the 'digitseq' description)")
         try:
             description = json.loads(file.attrs["digitseq"])
-            layers = tuple(_spec_from_json(entry) for entry in description["layers"])
+            layers = nets.layers_from_json(description["layers"])
             network = nets.Network(layers=layers, positions=int(description["positions"]))
             image_shape = tuple(int(s) for s in description["image_shape"])
             preset = str(description["preset"])

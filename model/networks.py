@@ -145,7 +145,7 @@ DEFAULT = Preset(
     layers=(
         # Downsampling 4× right away puts the convolutions where they are cheap (7×7 per digit):
         # ~1.3× the steps/s of convolving at full size first, with about its accuracy per epoch
-        # (README, "Measured: accuracy and time"). Pooling before the batch norm and ReLU gives
+        # (docs/performance.md). Pooling before the batch norm and ReLU gives
         # them a quarter of the pixels: ~1.14× the steps/s of conv → BN → ReLU → pool.
         Conv("conv1", 32, kernel=4, stride=2, use_bias=False, activation=None),
         MaxPool(2),
@@ -326,6 +326,28 @@ class Network(nn.Module):
 
 def build(preset: Preset, positions: int) -> Network:
     return Network(layers=preset.layers, positions=positions)
+
+
+_LAYER_TYPES = {cls.__name__: cls for cls in Layer.__args__}
+
+
+def layers_to_json(layers: Sequence[Layer]) -> list[dict]:
+    """Layer specs as JSON-able dicts: model.h5 and a workdir's config.json record their network so."""
+    return [{"type": type(layer).__name__, **dataclasses.asdict(layer)} for layer in layers]
+
+
+def layers_from_json(entries: list[dict]) -> tuple[Layer, ...]:
+    """The inverse of `layers_to_json`; raises KeyError, TypeError or ValueError on a malformed entry."""
+    layers = []
+    for entry in entries:
+        fields = dict(entry)
+        layers.append(_LAYER_TYPES[fields.pop("type")](**fields))
+    return tuple(layers)
+
+
+def variable_shapes(variables: dict) -> dict:
+    """The tree of a network's variables with each array replaced by its shape (to compare networks)."""
+    return jax.tree.map(lambda x: tuple(x.shape), variables)
 
 
 def init_variables(network: Network, image_shape: tuple[int, int], seed: int) -> dict:

@@ -6,6 +6,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import jax
+
 from model import keras_h5
 from model import networks as nets
 from model.checkpoints import Checkpoints
@@ -25,6 +27,26 @@ def _note(line: str) -> None:
     print(f"note: {line}", file=sys.stderr, flush=True)
 
 
+def recorded_network(workdir: Workdir, config: dict, variables: dict) -> nets.Network:
+    """The network `workdir`'s config.json records, whatever its preset holds today. A workdir written
+    before networks were recorded gets today's preset, but only if `variables` (its checkpoint's) fit it."""
+    if "layers" in config:
+        try:
+            return nets.Network(layers=nets.layers_from_json(config["layers"]), positions=config["max_digits"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{workdir.config_file} is damaged (its network cannot be read)") from None
+    network = nets.build(nets.get_preset(config["preset"]), config["max_digits"])
+    image_shape = tuple(config["image_size"])
+    expected = nets.variable_shapes(jax.eval_shape(lambda: nets.init_variables(network, image_shape, 0)))
+    saved = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    if nets.variable_shapes(saved) != expected:
+        raise ValueError(
+            f"{workdir} does not record its network and its checkpoint does not fit today's {config['preset']} "
+            "preset; use its model.h5 (which records its network), or train it again with --no-resume"
+        )
+    return network
+
+
 def from_workdir(path: Path, checkpoint: str = "best") -> Trained:
     """The workdir's checkpoint: "best" (highest validation sequence accuracy) or "latest".
 
@@ -39,7 +61,7 @@ def from_workdir(path: Path, checkpoint: str = "best") -> Trained:
         raise ValueError(f"{path} has no checkpoint yet; train first (python train.py --workdir {path})")
     step, state = found
     variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
-    network = nets.build(nets.get_preset(config["preset"]), config["max_digits"])
+    network = recorded_network(workdir, config, variables)
     description = f"{path} step {step} ({config['preset']})"
     return Trained(network, tuple(config["image_size"]), variables, description, workdir)
 

@@ -251,3 +251,45 @@ def test_sigterm_while_finishing_the_last_epoch_is_said(tmp_path, mnist_dir):
     assert process.returncode == 128 + signal.SIGTERM, stderr
     assert only_line(stderr) == f"train.py: SIGTERM while finishing: the run is complete and saved at step {EPOCH}"
     assert keras_h5.recorded_step(workdir.model) == EPOCH
+
+
+def test_a_workdir_keeps_its_own_network_when_the_preset_changes(tmp_path, monkeypatch, mnist_dir):
+    import dataclasses
+    import json
+
+    import train as train_script
+    from model import trained
+    from pipeline.flags import run
+
+    workdir = Workdir(tmp_path / "run")
+    assert train(workdir.path, "--max-steps", str(EPOCH)).returncode == 0
+    original = nets.DEFAULT.layers
+    assert nets.layers_from_json(workdir.read_config()["layers"]) == original
+    # Today's default preset gets a narrower first convolution than the one the run was trained with.
+    narrower = tuple(
+        dataclasses.replace(layer, features=16) if getattr(layer, "name", "") == "conv1" else layer
+        for layer in original
+    )
+    assert narrower != original
+    monkeypatch.setitem(nets.PRESETS, "default", dataclasses.replace(nets.DEFAULT, layers=narrower))
+
+    model = trained.from_workdir(workdir.path)
+    assert model.network.layers == original
+    nets.probabilities(model.network, model.variables, np.zeros((1, 28, 28, 1), np.uint8))
+
+    # Resumed in-process (where the changed preset is in force), it finishes with its own network.
+    monkeypatch.setattr(sys, "argv", ["train.py", "--workdir", str(workdir.path), *SMALL])
+    with pytest.raises(SystemExit) as stop:
+        run(train_script.main, "train.py")
+    assert stop.value.code == 0
+    assert keras_h5.read(workdir.model)[0].layers == original
+    assert keras_h5.recorded_step(workdir.model) == 2 * EPOCH
+
+    # A workdir that does not record its network: today's preset only if its checkpoint fits it exactly.
+    config = workdir.read_config()
+    del config["layers"]
+    workdir.config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="does not record its network and its checkpoint does not fit"):
+        trained.from_workdir(workdir.path)
+    monkeypatch.setitem(nets.PRESETS, "default", nets.DEFAULT)
+    assert trained.from_workdir(workdir.path).network.layers == original
