@@ -9,6 +9,8 @@ import pytest
 from conftest import command
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # they read a model trained for them (the trained_workdir fixture)
+
 PLOTS = ("examples", "per_position", "confusion", "training_curves", "filters", "activations")
 
 

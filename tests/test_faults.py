@@ -51,6 +51,7 @@ def truncate_checkpoint(folder: Path) -> None:
     os.truncate(largest, largest.stat().st_size // 2)
 
 
+@pytest.mark.slow
 def test_outputs_never_fall_behind_the_checkpoint_nor_get_wiped(tmp_path, mnist_dir):
     workdir = Workdir(tmp_path / "run")
     assert train(workdir.path, "--max-steps", str(EPOCH)).returncode == 0
@@ -98,6 +99,7 @@ def test_outputs_never_fall_behind_the_checkpoint_nor_get_wiped(tmp_path, mnist_
     assert same(model_weights(workdir.model), final) and len(workdir.read_metrics()) == 2
 
 
+@pytest.mark.slow
 def test_eval_skips_damaged_and_non_finite_checkpoints(trained_workdir, tmp_path):
     workdir = Workdir(tmp_path / "copy")
     shutil.copytree(trained_workdir, workdir.path)
@@ -231,6 +233,7 @@ def test_ctrl_c_while_the_libraries_load_is_quiet(tmp_path):
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
 
 
+@pytest.mark.slow
 def test_sigterm_while_finishing_the_last_epoch_is_said(tmp_path, mnist_dir):
     # The signal is sent while the last epoch's outputs are being written (its metrics line is there, the
     # process frozen so it cannot finish first): the run completes, says so, and exits 128+15.
@@ -253,6 +256,7 @@ def test_sigterm_while_finishing_the_last_epoch_is_said(tmp_path, mnist_dir):
     assert keras_h5.recorded_step(workdir.model) == EPOCH
 
 
+@pytest.mark.slow
 def test_a_workdir_keeps_its_own_network_when_the_preset_changes(tmp_path, monkeypatch, mnist_dir):
     import dataclasses
     import json

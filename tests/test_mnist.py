@@ -95,6 +95,7 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path, fresh_data_d
     assert out.read_bytes() == b"an earlier export"
 
 
+@pytest.mark.slow
 def test_damaged_or_half_written_data_is_prepared_again(tmp_path, pools, capfd):
     # A copy of the prepared MNIST with its train records cut in half, as a full disk or a killed copy leaves them.
     version = tmp_path / "tfds" / "mnist" / "3.0.1"

@@ -7,6 +7,8 @@ import pytest
 from conftest import command
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # they read a model trained for them (the trained_workdir fixture)
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, mnist_dir):

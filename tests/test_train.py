@@ -31,6 +31,7 @@ def weights(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+@pytest.mark.slow
 def test_seed_preset_writes_the_whole_workdir(tmp_path, mnist_dir):
     workdir = tmp_path / "seed"
     result = train(workdir, "--preset", "seed", "--epochs", "1", "--max-steps", "4")
@@ -53,6 +54,7 @@ def test_seed_preset_writes_the_whole_workdir(tmp_path, mnist_dir):
     assert again.returncode == 0 and "nothing to do" in again.stdout
 
 
+@pytest.mark.slow
 def test_time_budget_stops_validated_and_saved(tmp_path, mnist_dir):
     # A budget spent before the first step ends (loading MNIST and compiling take longer on any machine):
     # the run stops after that one step, validated and saved, whatever the machine's speed.
@@ -85,6 +87,7 @@ def steps_saved(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
+@pytest.mark.slow
 def test_interrupted_every_way_then_rerun_ends_bit_identical(tmp_path, mnist_dir):
     steps = ["--max-steps", "16", "--checkpoint-every", "3"]
     straight = train(tmp_path / "straight", *steps)
@@ -156,6 +159,7 @@ keras_h5.read(sys.argv[1] + '/model.h5'); print(c.latest_step())" "$DISK/run" > 
 """
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, mnist_dir):
     # A 40 MB filesystem of its own (tmpfs in a private mount namespace), filled up after two checkpoints.
     if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
@@ -176,6 +180,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, mnist_di
     assert (tmp_path / "restored").read_text().strip() == "2"
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, mnist_dir):
     result = train(
         tmp_path / "nan",
@@ -232,6 +237,7 @@ def two_processes(workdir: Path, *flags: str) -> None:
     assert "done at step" in outputs[0][0] and "done at step" not in outputs[1][0]  # process 0 speaks
 
 
+@pytest.mark.slow
 def test_two_processes_match_two_devices_in_one(tmp_path, mnist_dir):
     flags = ["--train-examples", "512", "--epochs", "2"]  # 4 steps an epoch: a loss curve of 2 points
     two = train(tmp_path / "two", *flags, env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
