@@ -30,7 +30,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import optax
 import tensorflow as tf
 from flax import serialization
 from jax.sharding import NamedSharding
@@ -40,69 +39,14 @@ from tqdm import tqdm
 from model import distributed, keras_h5, metrics, trained, training
 from model import networks as nets
 from model.checkpoints import BEST_METRIC, Checkpoints, SaveError, storage_failure
+from model.recipes import RECIPES, RESUME_KEYS, STREAMING_EPOCH, Recipe
 from model.workdir import Workdir
 from pipeline import flags
 from pipeline.mnist import load_pool
 from pipeline.sequences import SequenceConfig, eval_batches, numpy_batches, train_batches
 
 PROG = "train.py"
-STREAMING_EPOCH = 60_000  # sequences per epoch when streaming
 EVAL_BATCH = 1000
-# What each preset trains with unless a flag says otherwise.
-RECIPES = {
-    "seed": {
-        "epochs": 12, "batch_size": 128, "train_examples": 60_000, "learning_rate": 1e-3, "schedule": "constant",
-        "label_smoothing": 0.0, "augment": False,
-    },
-    "default": {
-        "epochs": 8, "batch_size": 128, "train_examples": None, "learning_rate": 3e-3, "schedule": "cosine",
-        "label_smoothing": 0.1, "augment": True,
-    },
-}  # fmt: skip
-# A workdir's run continues only under the same values of these.
-RESUME_KEYS = (
-    "preset", "max_digits", "image_size", "batch_size", "train_examples", "learning_rate", "schedule",
-    "label_smoothing", "augment", "seed",
-)  # fmt: skip
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    preset: str = "default"
-    max_digits: int = 5
-    image_size: tuple[int, int] | None = None  # None: the preset's
-    epochs: int = 5
-    batch_size: int = 128
-    train_examples: int | None = None  # None: streaming
-    learning_rate: float = 1e-3
-    schedule: str = "constant"  # or "cosine": warm-up over the first 5 % of the planned steps, then cosine to 0
-    label_smoothing: float = 0.0
-    augment: bool = False
-    seed: int = 0
-    val_examples: int = 10_000
-    validate_on: str = "validation"
-    checkpoint_every: int = 200
-    max_steps: int | None = None
-    time_budget: float | None = None  # minutes of wall time for this invocation
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return (self.train_examples or STREAMING_EPOCH) // self.batch_size
-
-    @property
-    def total_steps(self) -> int:
-        steps = self.epochs * self.steps_per_epoch
-        return steps if self.max_steps is None else min(steps, self.max_steps)
-
-
-def make_optimizer(config: Config) -> optax.GradientTransformation:
-    if config.schedule == "constant":
-        return optax.adam(config.learning_rate)
-    # Planned over --epochs, never over --max-steps: cutting a run short must not change its steps.
-    planned = config.epochs * config.steps_per_epoch
-    warmup = max(1, planned // 20)
-    peak = config.learning_rate
-    return optax.adam(optax.warmup_cosine_decay_schedule(peak / 20, peak, warmup, planned))
 
 
 def _rerun(reason: str) -> str:
@@ -137,13 +81,13 @@ class Interrupts:
 class Run:
     """One training run in its workdir: devices, data, state, checkpoints, logs."""
 
-    def __init__(self, config: Config, workdir: Path, data_dir: str | None, mnist_dir: str | None, resume: bool):
+    def __init__(self, config: Recipe, workdir: Path, data_dir: str | None, mnist_dir: str | None, resume: bool):
         self.started = time.monotonic()  # --time-budget counts from here: compilation and data included
         self.config, self.workdir = config, Workdir(workdir)
         self.preset = nets.get_preset(config.preset)
         self.image_shape = self.preset.image_shape(config.max_digits, config.image_size)
         self.network = nets.build(self.preset, config.max_digits)
-        self.optimizer = make_optimizer(config)
+        self.optimizer = config.optimizer()
 
         devices = jax.device_count()  # of all processes
         if config.batch_size % devices:
@@ -451,13 +395,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog=PROG,
         description="Train a digit-sequence reader and keep everything in its workdir "
         "(config.json, metrics.jsonl, checkpoints/, tensorboard/, model.h5). Rerunning the same "
-        "command resumes. Flags left out take the preset's recipe, shown in brackets.",
+        "command resumes. A flag left out takes the value of the preset's recipe (model/recipes.py), shown with it.",
     )
 
     def recipe(name: str) -> str:
-        values = {preset: r[name] for preset, r in RECIPES.items()}
-        words = {None: "streaming", True: "on", False: "off"}
-        return "[" + "; ".join(f"{p}: {words.get(v, v)}" for p, v in values.items()) + "]"
+        def word(value) -> str:
+            if isinstance(value, bool):
+                return "on" if value else "off"
+            return ("streaming" if name == "train_examples" else "none") if value is None else str(value)
+
+        values = {preset: word(getattr(r, name)) for preset, r in RECIPES.items()}
+        if len(set(values.values())) == 1:
+            return f"(default: {values['default']})"
+        return "[" + "; ".join(f"{preset}: {value}" for preset, value in values.items()) + "]"
 
     parser.add_argument(
         "--preset", default="default", choices=list(nets.PRESETS),
@@ -492,15 +442,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--augment", action=argparse.BooleanOptionalAction, help=f"shift each digit by up to ±2 px {recipe('augment')}"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seeds data, initial weights, dropout (default: 0)")
+    parser.add_argument("--seed", type=int, help=f"seeds data, initial weights, dropout {recipe('seed')}")
     parser.add_argument("--workdir", type=Path, help="where the run lives (default: runs/<preset>)")
     parser.add_argument(
-        "--max-steps", type=flags.positive_int, help="stop after this many steps in all (default: none)"
+        "--max-steps", type=flags.positive_int, help=f"stop after this many steps in all {recipe('max_steps')}"
     )
     parser.add_argument(
         "--time-budget", type=_minutes, metavar="MINUTES",
         help="stop cleanly, validated and saved, within this many minutes of wall time (counted after "
-        "Python's imports, so compilation and data preparation are included); rerunning continues (default: none)",
+        "Python's imports, so compilation and data preparation are included); rerunning continues "
+        f"{recipe('time_budget')}",
     )  # fmt: skip
     parser.add_argument(
         "--resume", action=argparse.BooleanOptionalAction, default=True,
@@ -508,19 +459,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "and starts over",
     )  # fmt: skip
     parser.add_argument(
-        "--validate-on", choices=["validation", "test"], default="validation",
+        "--validate-on", choices=["validation", "test"],
         help="digits of the per-epoch validation sequences: held-out train digits, or MNIST test "
-        "(the notebook's choice; then test figures are no longer untouched) (default: validation)",
+        f"(the notebook's choice; then test figures are no longer untouched) {recipe('validate_on')}",
     )  # fmt: skip
     parser.add_argument(
-        "--val-examples", type=flags.positive_int, default=10_000, help="validation sequences an epoch (default: 10000)"
+        "--val-examples", type=flags.positive_int, help=f"validation sequences an epoch {recipe('val_examples')}"
     )
     parser.add_argument(
-        "--checkpoint-every", type=flags.positive_int, default=200,
-        help="steps between periodic checkpoints, also saved at every epoch end and on Ctrl-C/SIGTERM (default: 200)",
+        "--checkpoint-every", type=flags.positive_int,
+        help="steps between periodic checkpoints, also saved at every epoch end and on Ctrl-C/SIGTERM "
+        f"{recipe('checkpoint_every')}",
     )  # fmt: skip
     flags.add_data_flags(parser)
     flags.add_sequence_flags(parser)
+    parser.set_defaults(max_digits=None)  # the recipe's
     group = parser.add_argument_group(
         "many processes (jax.distributed)",
         "Start one train.py per host (or per device group), each with the same flags and its own "
@@ -566,43 +519,24 @@ def _minutes(text: str) -> float:
     return value
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    recipe = RECIPES[args.preset]
-    train_examples = None if args.streaming else (args.train_examples or recipe["train_examples"])
-
-    def pick(name):
-        value = getattr(args, name)
-        return recipe[name] if value is None else value
-
-    config = Config(
-        preset=args.preset,
-        max_digits=args.max_digits,
-        image_size=args.image_size,
-        epochs=pick("epochs"),
-        batch_size=pick("batch_size"),
-        train_examples=train_examples,
-        learning_rate=pick("learning_rate"),
-        schedule=pick("schedule"),
-        label_smoothing=pick("label_smoothing"),
-        augment=pick("augment"),
-        seed=args.seed,
-        val_examples=args.val_examples,
-        validate_on=args.validate_on,
-        checkpoint_every=args.checkpoint_every,
-        max_steps=args.max_steps,
-        time_budget=args.time_budget,
-    )
+def config_from_args(args: argparse.Namespace) -> Recipe:
+    """The preset's recipe with the flags that were given put in place of its values."""
+    fields = {field.name for field in dataclasses.fields(Recipe)}
+    given = {name: value for name, value in vars(args).items() if name in fields and value is not None}
+    if args.streaming:
+        given["train_examples"] = None
+    config = dataclasses.replace(RECIPES[args.preset], **given)
     if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
         raise ValueError(f"--learning-rate must be positive and finite, not {config.learning_rate}")
     if not 0 <= config.label_smoothing < 1:
         raise ValueError(f"--label-smoothing must be in [0, 1), not {config.label_smoothing}")
-    if train_examples is not None and train_examples < config.batch_size:
-        raise ValueError(f"--train-examples {train_examples} cannot fill one batch of {config.batch_size}")
+    if config.train_examples is not None and config.train_examples < config.batch_size:
+        raise ValueError(f"--train-examples {config.train_examples} cannot fill one batch of {config.batch_size}")
     return config
 
 
 def train_and_evaluate(
-    config: Config, workdir: Path, data_dir: str | None = None, mnist_dir: str | None = None, resume: bool = True
+    config: Recipe, workdir: Path, data_dir: str | None = None, mnist_dir: str | None = None, resume: bool = True
 ) -> int:
     return Run(config, workdir, data_dir, mnist_dir, resume).train()
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from pipeline import flags
 from pipeline.mnist import DigitPool, load_pool
-from pipeline.sequences import BLANK_LABEL, TILE, SequenceConfig, numpy_batches, train_batches
+from pipeline.sequences import BLANK, TILE, SequenceConfig, numpy_batches, train_batches
 
 
 def notebook_loop(pool: DigitPool, config: SequenceConfig, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -37,7 +37,7 @@ def notebook_loop(pool: DigitPool, config: SequenceConfig, count: int, rng: np.r
             height, width = config.image_size
             image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
         images.append(image)
-        labels.append([int(pool.labels[i]) for i in picks] + [BLANK_LABEL] * (config.max_digits - length))
+        labels.append([int(pool.labels[i]) for i in picks] + [BLANK] * (config.max_digits - length))
     return np.stack(images)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline import flags
 from pipeline.mnist import SPLITS, load_pool
-from pipeline.sequences import eval_batches, numpy_batches
+from pipeline.sequences import BLANK, eval_batches, numpy_batches
 
 
 def build(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
@@ -83,9 +83,9 @@ def read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: images must be uint8 (0-255), not {images.dtype}")
     if not np.issubdtype(labels.dtype, np.integer):
         if not np.issubdtype(labels.dtype, np.floating) or not np.array_equal(labels, np.round(labels)):
-            raise ValueError(f"{path}: labels must be whole numbers (0-9, 10 for blank), not {labels.dtype} values")
-    if labels.min() < 0 or labels.max() > 10:
-        raise ValueError(f"{path}: labels must be 0-9 for digits and 10 for blank")
+            raise ValueError(f"{path}: labels must be whole numbers (0-9, {BLANK} = blank), not {labels.dtype}")
+    if labels.min() < 0 or labels.max() > BLANK:
+        raise ValueError(f"{path}: labels must be 0-9 for digits and {BLANK} for blank")
     return images, labels.astype(np.int32)
 
 

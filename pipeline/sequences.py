@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from pipeline.mnist import DigitPool
 
-BLANK_LABEL = 10
+BLANK = 10
 TILE = 28
 AUGMENT_MAX_SHIFT = 2  # pixels, each way, per digit and axis
 # One tf.data call builds this many sequences (whole batches of them): per-call overhead, not
@@ -159,7 +159,7 @@ class _Builder:
         self.zero_row = len(rows) - 1
         # A 28-pixel row moves as seven int32s: one gather fetches whole rows.
         self.rows = tf.constant(rows.view(np.int32))
-        self.labels = tf.constant(np.concatenate([pool.labels, [BLANK_LABEL]]).astype(np.int32))
+        self.labels = tf.constant(np.concatenate([pool.labels, [BLANK]]).astype(np.int32))
 
     @tf.function(jit_compile=True)
     def draw(self, keys: tf.Tensor, shift_keys: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor | None]:

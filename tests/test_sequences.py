@@ -9,7 +9,7 @@ from conftest import tiles
 
 from pipeline.sequences import (
     AUGMENT_MAX_SHIFT,
-    BLANK_LABEL,
+    BLANK,
     SequenceConfig,
     eval_batches,
     numpy_batches,
@@ -37,9 +37,9 @@ def check_sources(images, labels, pool, others, k=5):
     foreign = set().union(*(fingerprints(o.images) for o in others))
     cells = tiles(images, k)
     for cell_row, label_row in zip(cells, labels, strict=True):
-        length = int(np.sum(label_row != BLANK_LABEL))
+        length = int(np.sum(label_row != BLANK))
         assert 1 <= length <= k
-        assert np.all(label_row[:length] != BLANK_LABEL) and np.all(label_row[length:] == BLANK_LABEL)
+        assert np.all(label_row[:length] != BLANK) and np.all(label_row[length:] == BLANK)
         for cell, label in zip(cell_row[:length], label_row[:length], strict=True):
             key = cell.tobytes()
             assert key in index, "a digit that is not from its own pool"
@@ -69,10 +69,10 @@ def test_training_on_test_digits_is_refused(pools):
 
 def test_lengths_and_digits_are_roughly_uniform(pools):
     labels = concat(first(train_batches(pools["train"], batch_size=1000, seed=5), 10))["labels"]
-    lengths = np.sum(labels != BLANK_LABEL, axis=1)
+    lengths = np.sum(labels != BLANK, axis=1)
     share = np.bincount(lengths, minlength=6)[1:] / len(lengths)
     assert np.all(np.abs(share - 0.2) < 0.02), share
-    digits = labels[labels != BLANK_LABEL]
+    digits = labels[labels != BLANK]
     assert np.all(np.abs(np.bincount(digits, minlength=10) / len(digits) - 0.1) < 0.02)
 
 

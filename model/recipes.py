@@ -1,0 +1,74 @@
+"""What each preset trains with: one frozen `Recipe` per preset, the one place defaults live.
+
+train.py's flags override fields of the chosen preset's recipe (`dataclasses.replace`), and its
+`--help` shows the values from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import optax
+
+STREAMING_EPOCH = 60_000  # sequences an epoch when streaming
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    preset: str  # the network (model.networks.PRESETS)
+    epochs: int
+    batch_size: int  # global, split over the devices
+    train_examples: int | None  # a fixed set of this many sequences; None: fresh ones every step
+    learning_rate: float  # Adam's (the peak, with cosine)
+    schedule: str  # "constant", or "cosine": warm-up over the first 5 % of the planned steps, then cosine to 0
+    label_smoothing: float
+    augment: bool  # shift each digit by up to ±2 px
+    max_digits: int
+    image_size: tuple[int, int] | None  # None: the preset's
+    seed: int
+    val_examples: int
+    validate_on: str  # "validation" (held-out train digits) or "test"
+    checkpoint_every: int  # steps
+    max_steps: int | None  # stop after this many steps in all
+    time_budget: float | None  # minutes of wall time for one invocation
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return (self.train_examples or STREAMING_EPOCH) // self.batch_size
+
+    @property
+    def total_steps(self) -> int:
+        steps = self.epochs * self.steps_per_epoch
+        return steps if self.max_steps is None else min(steps, self.max_steps)
+
+    def optimizer(self) -> optax.GradientTransformation:
+        if self.schedule == "constant":
+            return optax.adam(self.learning_rate)
+        # Planned over the epochs, never over max_steps: cutting a run short must not change its steps.
+        planned = self.epochs * self.steps_per_epoch
+        peak = self.learning_rate
+        return optax.adam(optax.warmup_cosine_decay_schedule(peak / 20, peak, max(1, planned // 20), planned))
+
+
+_RUN = dict(
+    max_digits=5, image_size=None, seed=0, val_examples=10_000, validate_on="validation", checkpoint_every=200,
+    max_steps=None, time_budget=None,
+)  # fmt: skip
+
+RECIPES: dict[str, Recipe] = {
+    # The 2017 notebook's: 12 epochs of a fixed 60,000 sequences, Adam 1e-3.
+    "seed": Recipe(
+        preset="seed", epochs=12, batch_size=128, train_examples=60_000, learning_rate=1e-3, schedule="constant",
+        label_smoothing=0.0, augment=False, **_RUN,
+    ),
+    "default": Recipe(
+        preset="default", epochs=8, batch_size=128, train_examples=None, learning_rate=3e-3, schedule="cosine",
+        label_smoothing=0.1, augment=True, **_RUN,
+    ),
+}  # fmt: skip
+
+# A workdir's run continues only under the same values of these (and of `epochs` under a cosine schedule).
+RESUME_KEYS = (
+    "preset", "max_digits", "image_size", "batch_size", "train_examples", "learning_rate", "schedule",
+    "label_smoothing", "augment", "seed",
+)  # fmt: skip
