@@ -279,81 +279,112 @@ class Run:
     # -- training --
 
     def train(self) -> int:
-        """Trains to the end (or an interrupt); returns the process exit status."""
-        config = self.config
-        step = int(self.state.step)
-        total = config.total_steps
+        """Trains to the end, the time budget or a signal; returns the process exit status.
+
+        One loop over steps; an epoch's start and end, periodic checkpoints, signals and the time
+        budget are events in it. Every process sees the same events at the same step.
+        """
+        config, per_epoch = self.config, self.config.steps_per_epoch
+        step, total = int(self.state.step), config.total_steps
         if step >= total:
-            # Bring model.h5 up to the checkpoint: a kill or a full disk between the two can leave it behind.
-            if self.main and keras_h5.recorded_step(self.workdir.model) != step:
-                self.write_model()
-                print(f"{PROG}: wrote {self.workdir.model} of step {step} (it was missing or older)", flush=True)
-            if self.main:
-                print(f"{PROG}: {self.workdir} is already trained to step {step}; nothing to do", flush=True)
-            return 0
+            return self.already_trained(step)
         interrupts = Interrupts()
         batches = self.batches(step)
-        deadline = None if config.time_budget is None else self.started + 60 * config.time_budget
-        finish_seconds = config.val_examples / 1000  # validate + save at the end; measured after each epoch
-        out_of_time = False
+        budget = _Budget(self.started, config.time_budget, finish_seconds=config.val_examples / 1000)
+        epoch = None  # the epoch in progress, once this invocation has begun one
         try:
-            while step < total:
-                epoch = step // config.steps_per_epoch
-                epoch_end = min((epoch + 1) * config.steps_per_epoch, total)
-                if self.main:
-                    print(f"Epoch {epoch + 1}/{config.epochs}", flush=True)
-                bar = _progress(config.steps_per_epoch, step - epoch * config.steps_per_epoch, self.main)
-                if step == epoch * config.steps_per_epoch:  # an epoch's figures start from zero, resumed or not
-                    fresh = jax.device_put(metrics.zeros(config.max_digits), self.replicated)
-                    self.state = self.state.replace(sums=fresh)
-                started, first = time.perf_counter(), step
-                while step < epoch_end:
-                    self.state = self.step_fn(self.state, next(batches))
-                    step += 1
-                    bar.advance(step - epoch * config.steps_per_epoch, self.state)
-                    late = deadline is not None and time.monotonic() + finish_seconds > deadline
-                    # Every process stops at the same step: a signal or the clock seen by any stops all.
-                    signalled, late = distributed.any_process(interrupts.signal is not None, late)
-                    if signalled:
-                        bar.close()
-                        self.save()
-                        name = signal.Signals(interrupts.signal or signal.SIGTERM).name
-                        if self.main:
-                            print(f"{PROG}: {name}: saved step {step} in {self.workdir.checkpoints}; "
-                                  "rerun the same command to continue", file=sys.stderr, flush=True)  # fmt: skip
-                        return 128 + (interrupts.signal or signal.SIGTERM)
-                    if step % config.checkpoint_every == 0 and step < epoch_end:
-                        self.save()
+            while True:
+                if epoch is None or step % per_epoch == 0:  # an epoch begins (or resumes, mid-way)
+                    epoch = _Epoch(step // per_epoch, step, per_epoch, self.main)
+                    if self.main:
+                        print(f"Epoch {epoch.number + 1}/{config.epochs}", flush=True)
+                    if step % per_epoch == 0:  # its figures start from zero, resumed or not
+                        zeros = jax.device_put(metrics.zeros(config.max_digits), self.replicated)
+                        self.state = self.state.replace(sums=zeros)
+
+                self.state = self.step_fn(self.state, next(batches))
+                step += 1
+                epoch.bar.advance(step - epoch.number * per_epoch, self.state)
+                signalled, late = distributed.any_process(interrupts.signal is not None, budget.late())
+
+                if signalled:
+                    epoch.bar.close()
+                    self.save()
+                    name = signal.Signals(interrupts.signal or signal.SIGTERM).name
+                    if self.main:
+                        print(f"{PROG}: {name}: saved step {step} in {self.workdir.checkpoints}; "
+                              "rerun the same command to continue", file=sys.stderr, flush=True)  # fmt: skip
+                    return 128 + (interrupts.signal or signal.SIGTERM)
+                if step % per_epoch == 0 or step == total or late:
+                    with budget.finishing():
+                        self.end_epoch(epoch, step)
                     if late:
-                        out_of_time = True
+                        if self.main:
+                            print(f"{PROG}: the time budget of {config.time_budget:g} min is spent: stopped at step "
+                                  f"{step} of {total}, everything saved; rerun the same command to go on")  # fmt: skip
+                        return 0
+                    if step == total:
                         break
-                bar.close()
-                finishing = time.perf_counter()
-                self.check_finite()
-                train_figures = metrics.summarize(self.state.sums)
-                val_figures = self.validate()
-                seconds = time.perf_counter() - started
-                fraction = (step - epoch * config.steps_per_epoch) / config.steps_per_epoch
-                self.log_epoch(round(epoch + fraction, 4), seconds, step - first, train_figures, val_figures)
-                self.save(val_figures)
-                self.write_model()
-                finish_seconds = time.perf_counter() - finishing
-                if out_of_time and self.main:
-                    print(f"{PROG}: the time budget of {config.time_budget:g} min is spent: stopped at step {step} "
-                          f"of {total}, everything saved; rerun the same command to go on", flush=True)  # fmt: skip
-                if out_of_time:
-                    return 0
+                elif step % config.checkpoint_every == 0:
+                    self.save()
             if interrupts.signal is not None:  # it came while the last epoch was being finished
-                name = signal.Signals(interrupts.signal).name
                 if self.main:
-                    print(f"{PROG}: {name} while finishing: the run is complete and saved at step {step}",
-                          file=sys.stderr, flush=True)  # fmt: skip
+                    print(f"{PROG}: {signal.Signals(interrupts.signal).name} while finishing: the run is complete "
+                          f"and saved at step {step}", file=sys.stderr, flush=True)  # fmt: skip
                 return 128 + interrupts.signal
         finally:
             interrupts.restore()
         if self.main:
             print(f"{PROG}: done at step {step}; model: {self.workdir.model}", flush=True)
         return 0
+
+    def end_epoch(self, epoch: _Epoch, step: int) -> None:
+        """Validates, logs, checkpoints and writes model.h5 (also at a stop before the epoch's end)."""
+        epoch.bar.close()
+        self.check_finite()
+        train_figures = metrics.summarize(self.state.sums)
+        val_figures = self.validate()
+        seconds = time.perf_counter() - epoch.started
+        done = round(step / self.config.steps_per_epoch, 4)
+        self.log_epoch(done, seconds, step - epoch.first_step, train_figures, val_figures)
+        self.save(val_figures)
+        self.write_model()
+
+    def already_trained(self, step: int) -> int:
+        # Bring model.h5 up to the checkpoint: a kill or a full disk between the two can leave it behind.
+        if self.main and keras_h5.recorded_step(self.workdir.model) != step:
+            self.write_model()
+            print(f"{PROG}: wrote {self.workdir.model} of step {step} (it was missing or older)", flush=True)
+        if self.main:
+            print(f"{PROG}: {self.workdir} is already trained to step {step}; nothing to do", flush=True)
+        return 0
+
+
+class _Epoch:
+    """The epoch in progress: its number, where this invocation began it, its progress bar."""
+
+    def __init__(self, number: int, first_step: int, per_epoch: int, shown: bool):
+        self.number, self.first_step = number, first_step
+        self.started = time.perf_counter()
+        self.bar = _progress(per_epoch, first_step - number * per_epoch, shown)
+
+
+class _Budget:
+    """--time-budget: late once the time left would not cover finishing (validate, save, write), as
+    long as the last finish took."""
+
+    def __init__(self, started: float, minutes: float | None, finish_seconds: float):
+        self.deadline = None if minutes is None else started + 60 * minutes
+        self.finish_seconds = finish_seconds
+
+    def late(self) -> bool:
+        return self.deadline is not None and time.monotonic() + self.finish_seconds > self.deadline
+
+    @contextlib.contextmanager
+    def finishing(self) -> Iterator[None]:
+        began = time.perf_counter()
+        yield
+        self.finish_seconds = time.perf_counter() - began
 
 
 class _progress:
