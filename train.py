@@ -479,7 +479,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-steps", type=flags.positive_int, help=f"stop after this many steps in all {recipe('max_steps')}"
     )
     parser.add_argument(
-        "--time-budget", type=_minutes, metavar="MINUTES",
+        "--time-budget", type=flags.positive_minutes, metavar="MINUTES",
         help="stop cleanly, validated and saved, within this many minutes of wall time (counted after "
         "Python's imports, so compilation and data preparation are included); rerunning continues "
         f"{recipe('time_budget')}",
@@ -515,11 +515,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="address of process 0, which every process connects to (default: $JAX_COORDINATOR_ADDRESS)",
     )  # fmt: skip
     group.add_argument(
-        "--num-processes", type=flags.positive_int, default=_env_int("JAX_NUM_PROCESSES"),
+        "--num-processes", type=flags.positive_int, default=flags.env_int("JAX_NUM_PROCESSES"),
         help="how many processes take part (default: $JAX_NUM_PROCESSES)",
     )  # fmt: skip
     group.add_argument(
-        "--process-id", type=_whole, default=_env_int("JAX_PROCESS_ID"),
+        "--process-id", type=flags.whole_number, default=flags.env_int("JAX_PROCESS_ID"),
         help="this process's number, 0 .. N-1; 0 writes the logs and model.h5 (default: $JAX_PROCESS_ID)",
     )  # fmt: skip
     group.add_argument(
@@ -527,27 +527,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="join a multi-process run whose settings JAX detects itself (SLURM, Open MPI, Kubernetes, Cloud TPU)",
     )  # fmt: skip
     return parser.parse_args(argv)
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value and value.strip().isdigit() else None
-
-
-def _whole(text: str) -> int:
-    if not text.strip().isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 0, got {text!r}")
-    return int(text)
-
-
-def _minutes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of minutes, not {text!r}")
-    return value
 
 
 def config_from_args(args: argparse.Namespace) -> Recipe:
@@ -566,12 +545,6 @@ def config_from_args(args: argparse.Namespace) -> Recipe:
     return config
 
 
-def train_and_evaluate(
-    config: Recipe, workdir: Path, data_dir: str | None = None, mnist_dir: str | None = None, resume: bool = True
-) -> int:
-    return Run(config, workdir, data_dir, mnist_dir, resume).train()
-
-
 def main() -> None:
     args = parse_args()
     config = config_from_args(args)
@@ -580,7 +553,7 @@ def main() -> None:
         raise ValueError(f"--process-id {args.process_id} must be below --num-processes {args.num_processes}")
     try:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.distributed)
-        status = train_and_evaluate(config, workdir, args.data_dir, args.mnist_dir, args.resume)
+        status = Run(config, workdir, args.data_dir, args.mnist_dir, args.resume).train()
     except (TrainingStopped, distributed.DistributedError) as error:
         print(f"{PROG}: {error}", file=sys.stderr, flush=True)
         flags.quiet_stderr()  # what failed, failed: orbax's winding-down threads may still print tracebacks

@@ -37,6 +37,30 @@ def positive_int(text: str) -> int:
     return value
 
 
+def env_int(name: str) -> int | None:
+    """A whole number from the environment variable `name` (None if unset or not one)."""
+    value = os.environ.get(name)
+    return int(value) if value and value.strip().isdigit() else None
+
+
+def whole_number(text: str) -> int:
+    """argparse type: a whole number ≥ 0."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 0, got {text!r}")
+    return int(text)
+
+
+def positive_minutes(text: str) -> float:
+    """argparse type: a positive number of minutes."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of minutes, not {text!r}")
+    return value
+
+
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("MNIST")
     group.add_argument(
