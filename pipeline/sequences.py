@@ -300,7 +300,8 @@ def eval_batches(
     """One pass, in order, over the fixed set of num_examples sequences of this seed.
 
     The same set `train_batches` visits for that seed and size. The last batch is smaller when
-    batch_size does not divide num_examples. Never augmented.
+    batch_size does not divide num_examples. Never augmented. Each element is a stack of one
+    step ([1, B, ...]), as `train_batches` stacks several: `numpy_batches` takes both.
     """
     if config.augment:
         raise ValueError("evaluation data is never augmented: pass a config with augment=False")
@@ -310,7 +311,8 @@ def eval_batches(
 
     def make(start: tf.Tensor) -> dict[str, tf.Tensor]:
         members = tf.range(start, tf.minimum(start + batch_size, num_examples))
-        return builder.build(builder.set_keys(members))
+        batch = builder.build(builder.set_keys(members))
+        return {name: t[None] for name, t in batch.items()}  # a stack of one step, like train_batches'
 
     starts = tf.data.Dataset.range(0, num_examples, batch_size)
     return _finish(starts.map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True), threads)
@@ -319,14 +321,12 @@ def eval_batches(
 def numpy_batches(dataset: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
     """The dataset's batches, one step at a time, as NumPy arrays sharing the tensors' memory.
 
-    This is what a training loop consumes. Elements of `train_batches` hold several steps; they
+    This is what a training loop consumes. Every element of `train_batches` and `eval_batches`
+    holds a stack of steps ([S, B, ...]: several per call for training, one for evaluation); they
     are split here into views, which costs nothing. (`_numpy()` is what `as_numpy_iterator`
     calls too: a view of a CPU tensor's buffer, no copy.)
     """
     for element in dataset:
         arrays = {name: tensor._numpy() for name, tensor in element.items()}
-        if arrays["labels"].ndim == 2:  # one batch per element
-            yield arrays
-            continue
         for step in range(arrays["labels"].shape[0]):
             yield {name: array[step] for name, array in arrays.items()}
