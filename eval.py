@@ -1,6 +1,6 @@
 """Evaluates a trained digit-sequence reader on the honest test set.
 
-    python eval.py --workdir runs/default        # its best checkpoint (by validation)
+    python eval.py --workdir runs/default        # its final weights (those in its model.h5)
     python eval.py --weights model.h5            # the network rebuilt from the file alone
     python eval.py --weights model.h5 --data test.npz --json report.json
     python eval.py --workdir runs/default --plots plots/  # and the pictures
@@ -86,10 +86,7 @@ def main() -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", type=Path, help="a train.py workdir: evaluates its checkpoint (see --checkpoint)")
     source.add_argument("--weights", type=Path, help="a model.h5 written by train.py: nothing else needed")
-    parser.add_argument(
-        "--checkpoint", choices=["best", "latest"], default="best",
-        help="with --workdir: the best by validation sequence accuracy, or the latest (default: best)",
-    )  # fmt: skip
+    parser.add_argument("--checkpoint", choices=trained.CHECKPOINT_CHOICES, default="latest", help=trained.CHECKPOINT_HELP)
     parser.add_argument("--data", type=Path, help="evaluate on this .npz/.h5 (images, labels) instead")
     parser.add_argument(
         "--examples", type=flags.positive_int, default=10_000, help="test sequences to build (default: 10000)"

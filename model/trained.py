@@ -47,8 +47,17 @@ def recorded_network(workdir: Workdir, config: dict, variables: dict) -> nets.Ne
     return network
 
 
-def from_workdir(path: Path, checkpoint: str = "best") -> Trained:
-    """The workdir's checkpoint: "best" (highest validation sequence accuracy) or "latest".
+# Which checkpoint of a workdir eval.py and predict.py read (their --checkpoint).
+CHECKPOINT_CHOICES = ("latest", "best")
+CHECKPOINT_HELP = (
+    "with --workdir: latest = the newest checkpoint, which once training is done holds the final weights, "
+    "the same as the workdir's model.h5 (default); best = the one with the highest validation sequence accuracy"
+)
+
+
+def from_workdir(path: Path, checkpoint: str = "latest") -> Trained:
+    """The workdir's checkpoint: "latest" (at the end of a run, the weights in its model.h5) or "best"
+    (highest validation sequence accuracy).
 
     A damaged checkpoint is skipped, with a note, for the newest intact one.
     """

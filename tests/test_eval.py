@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 from conftest import command
 from PIL import Image
+
+from model.checkpoints import BEST_METRIC, Checkpoints
 
 pytestmark = pytest.mark.slow  # they read a model trained for them (the trained_workdir fixture)
 
@@ -41,6 +44,24 @@ def test_checkpoint_and_model_h5_give_the_same_report(reports):
     for key in ("per_position_accuracy", "individual_accuracy", "digit_accuracy", "sequence_accuracy",
                 "per_length_sequence_accuracy", "length_accuracy", "confusion"):  # fmt: skip
         assert a[key] == b[key], key
+
+
+def test_a_workdir_is_read_at_its_latest_checkpoint_unless_best_is_asked_for(trained_workdir, tmp_path):
+    workdir = tmp_path / "copy"
+    shutil.copytree(trained_workdir, workdir)
+    checkpoints = Checkpoints(workdir / "checkpoints", writer=True)
+    best = checkpoints.best_step()
+    state = checkpoints.restore(best)
+    state["params"] = {name: {k: v * 0.5 for k, v in p.items()} for name, p in state["params"].items()}
+    checkpoints.save(best + 1, state, {BEST_METRIC: 0.0})  # later, and worse on validation
+    read_at = {}
+    for choice in ("default", "latest", "best"):
+        chosen = [] if choice == "default" else ["--checkpoint", choice]
+        result = command("eval.py", "--workdir", str(workdir), *chosen, "--examples", "100")
+        assert result.returncode == 0, result.stderr
+        read_at[choice] = result.stdout.splitlines()[0]
+    assert f"step {best + 1} " in read_at["default"] and f"step {best + 1} " in read_at["latest"]
+    assert f"step {best} " in read_at["best"]
 
 
 def test_the_briefly_trained_model_reads_test_sequences(reports):

@@ -113,7 +113,7 @@ def test_eval_skips_damaged_and_non_finite_checkpoints(trained_workdir, tmp_path
     checkpoints.save(newest + 1, state)
     truncate_checkpoint(workdir.checkpoints / str(best))
 
-    result = command("eval.py", "--workdir", str(workdir.path), "--examples", "200")
+    result = command("eval.py", "--workdir", str(workdir.path), "--checkpoint", "best", "--examples", "200")
     assert result.returncode == 0, result.stderr
     notes = result.stderr.strip().splitlines()
     assert len(notes) == 2 and all(line.startswith("note: checkpoint ") for line in notes), result.stderr
