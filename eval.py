@@ -86,7 +86,9 @@ def main() -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", type=Path, help="a train.py workdir: evaluates its checkpoint (see --checkpoint)")
     source.add_argument("--weights", type=Path, help="a model.h5 written by train.py: nothing else needed")
-    parser.add_argument("--checkpoint", choices=trained.CHECKPOINT_CHOICES, default="latest", help=trained.CHECKPOINT_HELP)
+    parser.add_argument(
+        "--checkpoint", choices=trained.CHECKPOINT_CHOICES, default="latest", help=trained.CHECKPOINT_HELP
+    )
     parser.add_argument("--data", type=Path, help="evaluate on this .npz/.h5 (images, labels) instead")
     parser.add_argument(
         "--examples", type=flags.positive_int, default=10_000, help="test sequences to build (default: 10000)"
@@ -141,7 +143,8 @@ def write_plots(folder: Path, model: trained.Trained, variables: dict, batch: di
     else:
         notes.append("training_curves.png skipped: no metrics.jsonl of the training run beside the model")
     first_conv = next(layer for layer in network.layers if isinstance(layer, nets.Conv))
-    kernel = np.asarray(variables["params"][first_conv.name]["kernel"])
+    first_member = nets.member_variables(network, variables)[0]  # an ensemble shows its first member's
+    kernel = np.asarray(first_member["params"][first_conv.name]["kernel"])
     written.append(plots.filters(folder / "filters.png", kernel))
     maps = nets.first_activations(network, variables, images[:1])[0]
     title = f"input (true {plots.sequence_text(labels[0])}) and the first layer's activation maps"

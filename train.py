@@ -39,7 +39,7 @@ from tqdm import tqdm
 from model import distributed, keras_h5, metrics, trained, training
 from model import networks as nets
 from model.checkpoints import BEST_METRIC, Checkpoints, SaveError, storage_failure
-from model.recipes import RECIPES, RESUME_KEYS, STREAMING_EPOCH, Recipe
+from model.recipes import ACCELERATOR_ENSEMBLE, RECIPES, RESUME_KEYS, STREAMING_EPOCH, Recipe
 from model.workdir import Workdir
 from pipeline import flags
 from pipeline.mnist import load_pool
@@ -86,7 +86,7 @@ class Run:
         self.config, self.workdir = config, Workdir(workdir)
         self.preset = nets.get_preset(config.preset)
         self.image_shape = self.preset.image_shape(config.max_digits, config.image_size)
-        self.network = nets.build(self.preset, config.max_digits)
+        self.network = nets.build(self.preset, config.max_digits, config.ensemble)
         self.optimizer = config.optimizer()
 
         devices = jax.device_count()  # of all processes
@@ -122,7 +122,7 @@ class Run:
             workdir.remove_partials()
         has_run = workdir.has_checkpoint()
         if has_run and resume and workdir.holds_a_run():
-            saved = workdir.read_config()
+            saved = {"ensemble": 1} | workdir.read_config()  # a run recorded before ensembles: one network
             self.network = self._recorded_network(saved)
             ours = self._config_json()
             keys = RESUME_KEYS + (("epochs",) if ours["schedule"] != "constant" else ())  # epochs shape the schedule
@@ -291,6 +291,7 @@ class Run:
         interrupts = Interrupts()
         batches = self.batches(step)
         budget = _Budget(self.started, config.time_budget, finish_seconds=config.val_examples / 1000)
+        estimate = _Estimate(step, total, self.main)
         epoch = None  # the epoch in progress, once this invocation has begun one
         try:
             while True:
@@ -304,6 +305,7 @@ class Run:
 
                 self.state = self.step_fn(self.state, next(batches))
                 step += 1
+                estimate.after(step, self.state)
                 epoch.bar.advance(step - epoch.number * per_epoch, self.state)
                 signalled, late = distributed.any_process(interrupts.signal is not None, budget.late())
 
@@ -367,6 +369,29 @@ class _Epoch:
         self.number, self.first_step = number, first_step
         self.started = time.perf_counter()
         self.bar = _progress(per_epoch, first_step - number * per_epoch, shown)
+
+
+class _Estimate:
+    """One line early in a run: the time its remaining steps take at the rate measured over steps
+    2–21 of this invocation (the first compiles), validation left out."""
+
+    SAMPLE = 20
+
+    def __init__(self, step: int, total: int, shown: bool):
+        self.first, self.total, self.shown = step + 1, total, shown
+
+    def after(self, step: int, state: training.TrainState) -> None:
+        if not self.shown or step not in (self.first, self.first + self.SAMPLE) or step >= self.total:
+            return
+        jax.block_until_ready(state.step)  # twice a run: the steps are dispatched ahead otherwise
+        if step == self.first:
+            self.started = time.perf_counter()
+            return
+        rate = self.SAMPLE / (time.perf_counter() - self.started)
+        seconds = (self.total - step) / rate
+        took = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+        took = took if seconds < 7200 else f"{seconds / 3600:.1f} h"
+        print(f"{PROG}: about {took} for the {self.total - step:,} steps left ({rate:.1f} steps/s)", flush=True)
 
 
 class _Budget:
@@ -441,9 +466,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         return "[" + "; ".join(f"{preset}: {value}" for preset, value in values.items()) + "]"
 
     parser.add_argument(
-        "--preset", default="default", choices=list(nets.PRESETS),
-        help="network and recipe (default: default): "
+        "--preset", choices=list(nets.PRESETS),
+        help="network and recipe (default: on a CPU, default; on a GPU or TPU, accurate as an ensemble of "
+        f"{ACCELERATOR_ENSEMBLE}; continuing a workdir, the one it records): "
         + "; ".join(f"{p.name}: {p.summary}" for p in nets.PRESETS.values()),
+    )  # fmt: skip
+    parser.add_argument(
+        "--ensemble", type=flags.positive_int, metavar="N",
+        help="train N networks of the preset in one step, each with its own initial weights and dropout; "
+        f"the model is their mean probabilities (one Keras model in model.h5) {recipe('ensemble')}",
     )  # fmt: skip
     parser.add_argument("--epochs", type=flags.positive_int, help=f"epochs to train {recipe('epochs')}")
     parser.add_argument(
@@ -529,30 +560,63 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def config_from_args(args: argparse.Namespace) -> Recipe:
+def chosen_preset(args: argparse.Namespace, backend: str) -> tuple[str, dict[str, int], str]:
+    """The preset when --preset is left out, extra recipe values that come with it, and why: the
+    run a given --workdir records, else the accurate ensemble on an accelerator, else the default."""
+    if args.workdir is not None and args.resume:
+        workdir = Workdir(args.workdir)
+        if workdir.holds_a_run():
+            saved = workdir.read_config()
+            if saved.get("preset") in RECIPES:
+                extra = {} if args.ensemble else {"ensemble": saved.get("ensemble", 1)}
+                return saved["preset"], extra, f"the preset {args.workdir} records"
+    if backend != "cpu":
+        extra = {} if args.ensemble else {"ensemble": ACCELERATOR_ENSEMBLE}
+        return "accurate", extra, f"on {backend}: the accurate preset (--preset default for the CPU recipe)"
+    return "default", {}, ""
+
+
+def config_from_args(args: argparse.Namespace, backend: str = "cpu") -> Recipe:
     """The preset's recipe with the flags that were given put in place of its values."""
+    return recipe_and_reason(args, backend)[0]
+
+
+def recipe_and_reason(args: argparse.Namespace, backend: str) -> tuple[Recipe, str]:
+    """`config_from_args`, and a line saying what was chosen and why when --preset was left out ("" for the
+    CPU default)."""
     fields = {field.name for field in dataclasses.fields(Recipe)}
     given = {name: value for name, value in vars(args).items() if name in fields and value is not None}
     if args.streaming:
         given["train_examples"] = None
-    config = dataclasses.replace(RECIPES[args.preset], **given)
+    reason = ""
+    if args.preset is None:
+        preset, extra, why = chosen_preset(args, backend)
+        given = {"preset": preset, **extra, **given}
+        if why:
+            members = given.get("ensemble", RECIPES[preset].ensemble)
+            what = f"an ensemble of {members}" if members > 1 else "one network"
+            reason = f"{PROG}: training {preset}, {what}: {why}"
+    config = dataclasses.replace(RECIPES[given["preset"]], **given)
     if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
         raise ValueError(f"--learning-rate must be positive and finite, not {config.learning_rate}")
     if not 0 <= config.label_smoothing < 1:
         raise ValueError(f"--label-smoothing must be in [0, 1), not {config.label_smoothing}")
     if config.train_examples is not None and config.train_examples < config.batch_size:
         raise ValueError(f"--train-examples {config.train_examples} cannot fill one batch of {config.batch_size}")
-    return config
+    return config, reason
 
 
 def main() -> None:
     args = parse_args()
-    config = config_from_args(args)
-    workdir = args.workdir or Path("runs") / config.preset
+    config_from_args(args)  # the flags' mistakes, before anything starts
     if args.process_id is not None and args.num_processes is not None and args.process_id >= args.num_processes:
         raise ValueError(f"--process-id {args.process_id} must be below --num-processes {args.num_processes}")
     try:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.distributed)
+        config, reason = recipe_and_reason(args, jax.default_backend())  # the backend is known once JAX started
+        if reason and distributed.is_main():
+            print(reason, flush=True)
+        workdir = args.workdir or Path("runs") / config.preset
         status = Run(config, workdir, args.data_dir, args.mnist_dir, args.resume).train()
     except (TrainingStopped, distributed.DistributedError) as error:
         print(f"{PROG}: {error}", file=sys.stderr, flush=True)

@@ -56,20 +56,28 @@ class _Graph:
     def shape(self) -> tuple[int, ...]:
         return self.shapes[self.tensor]
 
-    def add(self, class_name: str, base: str, config: dict, shape: tuple, source: str | None = None, weights=()) -> str:
-        """Appends a layer reading `source` (default: the current tensor); returns its unique name."""
+    def add(
+        self, class_name: str, base: str, config: dict, shape: tuple, source: str | list[str] | None = None, weights=()
+    ) -> str:
+        """Appends a layer reading `source` (default: the current tensor; a list: a merge layer's
+        inputs); returns its unique name."""
         name, n = base, 1
         while name in self.shapes:
             n += 1
             name = f"{base}_{n}"
+
+        def tensor(source: str) -> dict:
+            history = {"shape": [None, *self.shapes[source]], "dtype": "float32", "keras_history": [source, 0, 0]}
+            return {"class_name": "__keras_tensor__", "config": history}
+
         source = source or self.tensor
-        history = {"shape": [None, *self.shapes[source]], "dtype": "float32", "keras_history": [source, 0, 0]}
+        args = [[tensor(s) for s in source]] if isinstance(source, list) else [tensor(source)]
         self.layers.append(
             {
                 "class_name": class_name,
                 "name": name,
                 "config": {"name": name, "trainable": True, "dtype": "float32", **config},
-                "inbound_nodes": [{"args": [{"class_name": "__keras_tensor__", "config": history}], "kwargs": {}}],
+                "inbound_nodes": [{"args": args, "kwargs": {}}],
             }
         )
         self.shapes[name] = tuple(shape)
@@ -77,13 +85,15 @@ class _Graph:
         return name
 
 
-def _keras_graph(layers, positions: int, image_shape: tuple[int, int], variables: dict) -> tuple[_Graph, list[str]]:
+def _keras_layers(graph: _Graph, layers, positions: int, variables: dict, prefix: str = "") -> list[str]:
+    """Adds one network's layers to `graph`, reading its input tensor, each named prefix + its name;
+    returns the names of its K per-position softmax outputs."""
     params = variables["params"]
     stats = variables.get("batch_stats", {})
-    graph = _Graph(image_shape)
+    graph.tensor = "image"
 
     def step(class_name, base, config, shape, weights=()):
-        graph.tensor = graph.add(class_name, base, config, shape, weights=weights)
+        graph.tensor = graph.add(class_name, prefix + base, config, shape, weights=weights)
 
     outputs: list[str] = []
     for layer in layers:
@@ -143,7 +153,7 @@ def _keras_graph(layers, positions: int, image_shape: tuple[int, int], variables
                     outputs.append(
                         graph.add(
                             "Dense",
-                            f"position_{k + 1}",
+                            f"{prefix}position_{k + 1}",
                             softmax,
                             (nets.NUM_CLASSES,),
                             source=source,
@@ -157,13 +167,33 @@ def _keras_graph(layers, positions: int, image_shape: tuple[int, int], variables
                      [("kernel", p["kernel"]), ("bias", p["bias"])])  # fmt: skip
                 logits = graph.tensor
                 for k in range(positions):
-                    crop = graph.add("Cropping1D", f"crop_{k + 1}", {"cropping": [k, positions - 1 - k]},
+                    crop = graph.add("Cropping1D", f"{prefix}crop_{k + 1}", {"cropping": [k, positions - 1 - k]},
                                      (1, nets.NUM_CLASSES), source=logits)  # fmt: skip
-                    flat = graph.add("Flatten", f"logits_{k + 1}", {"data_format": "channels_last"},
+                    flat = graph.add("Flatten", f"{prefix}logits_{k + 1}", {"data_format": "channels_last"},
                                      (nets.NUM_CLASSES,), source=crop)  # fmt: skip
                     outputs.append(
-                        graph.add("Softmax", f"position_{k + 1}", {"axis": -1}, (nets.NUM_CLASSES,), source=flat)
+                        graph.add(
+                            "Softmax", f"{prefix}position_{k + 1}", {"axis": -1}, (nets.NUM_CLASSES,), source=flat
+                        )
                     )
+    return outputs
+
+
+def _keras_graph(network: nets.Network, image_shape: tuple[int, int], variables: dict) -> tuple[_Graph, list[str]]:
+    """The whole model: the network, or an ensemble's members side by side (`member_1_conv1`, …)
+    with each position's output the Average of the members' softmaxes."""
+    graph = _Graph(image_shape)
+    members = nets.member_variables(network, variables)
+    if len(members) == 1:
+        return graph, _keras_layers(graph, network.layers, network.positions, variables)
+    member_outputs = [
+        _keras_layers(graph, network.layers, network.positions, member, prefix=f"member_{m + 1}_")
+        for m, member in enumerate(members)
+    ]
+    outputs = [
+        graph.add("Average", f"position_{k + 1}", {}, (nets.NUM_CLASSES,), source=list(sources))
+        for k, sources in enumerate(zip(*member_outputs, strict=True))
+    ]
     return graph, outputs
 
 
@@ -193,7 +223,7 @@ def write(
     The file is built in memory and written by `atomic_write`: HDF5 never meets a full disk
     (where it crashes) and a failed write is one OSError.
     """
-    graph, outputs = _keras_graph(network.layers, network.positions, image_shape, variables)
+    graph, outputs = _keras_graph(network, image_shape, variables)
     model_config = {
         "class_name": "Functional",
         "config": {
@@ -208,6 +238,7 @@ def write(
         "format": FORMAT,
         "preset": preset,
         "positions": network.positions,
+        "members": network.members,
         "image_shape": list(image_shape),
         "layers": nets.layers_to_json(network.layers),
         "step": step,
@@ -256,36 +287,48 @@ def read(path: str | Path) -> tuple[nets.Network, tuple[int, int], dict, str]:
         try:
             description = json.loads(file.attrs["digitseq"])
             layers = nets.layers_from_json(description["layers"])
-            network = nets.Network(layers=layers, positions=int(description["positions"]))
+            members = int(description.get("members", 1))
+            network = nets.Network(layers=layers, positions=int(description["positions"]), members=members)
             image_shape = tuple(int(s) for s in description["image_shape"])
             preset = str(description["preset"])
         except (KeyError, TypeError, ValueError) as error:
             raise ModelFileError(f"{path} has an unreadable digitseq description ({error})") from None
+        single = nets.Network(layers=layers, positions=network.positions)  # each member's network
         try:
-            expected = jax.eval_shape(lambda: nets.init_variables(network, image_shape, 0))
+            expected = jax.eval_shape(lambda: nets.init_variables(single, image_shape, 0))
         except (TypeError, ValueError) as error:
             raise ModelFileError(
                 f"{path} has a digitseq description that does not make a network "
                 f"(image shape {list(image_shape)}: {_first_line(error)}); the file was altered"
             ) from None
-        batch_norms = {layer.name for layer in layers if isinstance(layer, nets.BatchNorm)}
-        variables: dict = {collection: {} for collection in expected}
-        try:
-            weights = file["model_weights"]
-            for collection, by_layer in expected.items():
-                for layer_name, leaves in by_layer.items():
-                    group = weights[layer_name][layer_name]
-                    renamed = _BATCH_NORM_NAMES if layer_name in batch_norms else {}
-                    variables[collection][layer_name] = {leaf: group[renamed.get(leaf, leaf)][()] for leaf in leaves}
-        except (KeyError, OSError) as error:
-            raise ModelFileError(f"{path} is damaged: its weights cannot be read ({error})") from None
+        prefixes = [""] if members == 1 else [f"member_{m + 1}_" for m in range(members)]
+        found = [_read_member(path, file, layers, expected, prefix) for prefix in prefixes]
+    if members == 1:
+        return network, image_shape, found[0], preset
+    stacked = jax.tree.map(lambda *leaves: np.stack(leaves), *found)
+    return network, image_shape, {name: {"members": tree} for name, tree in stacked.items() if tree}, preset
+
+
+def _read_member(path: Path, file: h5py.File, layers, expected: dict, prefix: str) -> dict:
+    """One network's variables from the file's layers named prefix + layer name, checked against `expected`."""
+    batch_norms = {layer.name for layer in layers if isinstance(layer, nets.BatchNorm)}
+    variables: dict = {collection: {} for collection in expected}
+    try:
+        weights = file["model_weights"]
+        for collection, by_layer in expected.items():
+            for layer_name, leaves in by_layer.items():
+                group = weights[prefix + layer_name][prefix + layer_name]
+                renamed = _BATCH_NORM_NAMES if layer_name in batch_norms else {}
+                variables[collection][layer_name] = {leaf: group[renamed.get(leaf, leaf)][()] for leaf in leaves}
+    except (KeyError, OSError) as error:
+        raise ModelFileError(f"{path} is damaged: its weights cannot be read ({error})") from None
     for collection, by_layer in expected.items():
         for layer_name, leaves in by_layer.items():
             for leaf, want in leaves.items():
                 got = variables[collection][layer_name][leaf].shape
                 if got != want.shape:
                     raise ModelFileError(
-                        f"{path} does not fit the network it describes ({layer_name}/{leaf} has shape {got}, the "
-                        f"network needs {want.shape}): its weights are of another preset or input size"
+                        f"{path} does not fit the network it describes ({prefix}{layer_name}/{leaf} has shape {got}, "
+                        f"the network needs {want.shape}): its weights are of another preset or input size"
                     )
-    return network, image_shape, variables, preset
+    return variables

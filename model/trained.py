@@ -32,7 +32,8 @@ def recorded_network(workdir: Workdir, config: dict, variables: dict) -> nets.Ne
     before networks were recorded gets today's preset, but only if `variables` (its checkpoint's) fit it."""
     if "layers" in config:
         try:
-            return nets.Network(layers=nets.layers_from_json(config["layers"]), positions=config["max_digits"])
+            layers = nets.layers_from_json(config["layers"])
+            return nets.Network(layers=layers, positions=config["max_digits"], members=config.get("ensemble", 1))
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{workdir.config_file} is damaged (its network cannot be read)") from None
     network = nets.build(nets.get_preset(config["preset"]), config["max_digits"])

@@ -3,6 +3,10 @@
 Loss: the softmax cross-entropies of the positions, summed, averaged over the batch (the
 notebook's five categorical cross-entropies). The dropout key of step n is fold_in(seed, n):
 like the data, a pure function of the step, which is what makes resumed runs exact.
+
+An ensemble (network.members > 1) trains its members in the same step on the same batch: the
+loss is the sum of the members' losses, so each member's gradient is its own loss's; the running
+figures are those of the members' mean probabilities.
 """
 
 from __future__ import annotations
@@ -69,9 +73,11 @@ def train_step(
             losses = optax.softmax_cross_entropy(logits, targets)
         else:
             losses = metrics.position_losses(logits, labels)
-        return losses.sum(axis=1).mean(), (logits, updates)
+        return losses.sum(axis=-1).mean(axis=-1).sum(), (logits, updates)  # the last sum: over members
 
     (_, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if network.members > 1:
+        logits = nets.mean_probability_logits(logits)
     changes, opt_state = optimizer.update(grads, state.opt_state, state.params)
     return state.replace(
         step=state.step + 1,

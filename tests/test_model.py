@@ -74,13 +74,24 @@ def test_metrics_perfect_all_blank_and_masked_rows():
     assert metrics.summarize(halves)["sequence_accuracy"] == pytest.approx(1 / 3)
 
 
-@pytest.mark.parametrize("preset", ["seed", "default"])
-def test_model_h5_opens_in_keras_and_matches_flax(tmp_path, preset):
+def test_an_ensemble_reads_its_members_mean_probabilities():
+    network = nets.build(nets.DEFAULT, 3, members=3)
+    variables = nets.init_variables(network, (28, 84), seed=0)
+    members = nets.member_variables(network, variables)
+    single = nets.build(nets.DEFAULT, 3)
+    images = np.random.default_rng(0).integers(0, 256, (4, 28, 84, 1)).astype(np.uint8)
+    each = [nets.probabilities(single, member, images) for member in members]
+    assert not np.allclose(each[0], each[1])  # each member its own initial weights
+    np.testing.assert_allclose(nets.probabilities(network, variables, images), np.mean(each, axis=0), atol=1e-6)
+
+
+@pytest.mark.parametrize("preset, members", [("seed", 1), ("default", 1), ("default", 3)])
+def test_model_h5_opens_in_keras_and_matches_flax(tmp_path, preset, members):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
     spec = nets.get_preset(preset)
-    network = nets.build(spec, 5)
+    network = nets.build(spec, 5, members)
     shape = spec.image_shape(5)
     variables = nets.init_variables(network, shape, seed=3)
     # Moved batch-norm statistics, so that a wrong mapping of them would show.
