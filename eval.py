@@ -86,7 +86,9 @@ def main() -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", type=Path, help="a train.py workdir: evaluates its checkpoint (see --checkpoint)")
     source.add_argument("--weights", type=Path, help="a model.h5 written by train.py: nothing else needed")
-    parser.add_argument("--checkpoint", choices=trained.CHECKPOINT_CHOICES, default="latest", help=trained.CHECKPOINT_HELP)
+    parser.add_argument(
+        "--checkpoint", choices=trained.CHECKPOINT_CHOICES, default="latest", help=trained.CHECKPOINT_HELP
+    )
     parser.add_argument("--data", type=Path, help="evaluate on this .npz/.h5 (images, labels) instead")
     parser.add_argument(
         "--examples", type=flags.positive_int, default=10_000, help="test sequences to build (default: 10000)"

@@ -48,7 +48,9 @@ def main() -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--weights", type=Path, help=f"a model.h5 written by train.py (default: {DEFAULT_WEIGHTS})")
     source.add_argument("--workdir", type=Path, help="a train.py workdir: its checkpoint (see --checkpoint)")
-    parser.add_argument("--checkpoint", choices=trained.CHECKPOINT_CHOICES, default="latest", help=trained.CHECKPOINT_HELP)
+    parser.add_argument(
+        "--checkpoint", choices=trained.CHECKPOINT_CHOICES, default="latest", help=trained.CHECKPOINT_HELP
+    )
     parser.add_argument("--probs", action="store_true", help="also print each position's 11 probabilities")
     args = parser.parse_args()
 
