@@ -4,9 +4,11 @@ The file is what `keras.Model.save("model.h5")` writes (Keras 3): a root attribu
 `model_config` (the functional model as JSON), `keras_version`, `backend`, and a group
 `model_weights` with one sub-group per layer, in layer order, each naming its weights. So
 `keras.models.load_model("model.h5")` rebuilds the network: input float32 [N, H, W, 1] in [0, 1],
-outputs the per-position softmax arrays `position_1` … `position_K`, in order.
+outputs the per-position softmax arrays `position_1` … `position_K`, in order. An ensemble is one
+such model: its members side by side (layers `member_1_conv1`, …), each output the `Average` of
+the members' softmaxes.
 
-A root attribute `digitseq` (JSON: layer specs, positions, image shape, preset) lets the project
+A root attribute `digitseq` (JSON: layer specs, positions, members, image shape, preset) lets the project
 rebuild the same Flax network without Keras, whatever the presets look like by then.
 """
 
