@@ -199,6 +199,37 @@ def _keras_graph(network: nets.Network, image_shape: tuple[int, int], variables:
     return graph, outputs
 
 
+def _keras_order(layers: list[dict], outputs: list[str]) -> list[str]:
+    """The names of `layers` in the order Keras lists a functional model's layers, which is the order
+    it loads their weights in (keras.src.ops.function.map_graph): the farthest from the outputs
+    first, ties in the order a depth-first walk from the outputs first meets them. The members of
+    an ensemble, side by side, are interleaved by it."""
+    inbound = {}
+    for layer in layers:
+        args = layer["inbound_nodes"][0]["args"] if layer["inbound_nodes"] else []
+        tensors = args[0] if args and isinstance(args[0], list) else args
+        inbound[layer["name"]] = [tensor["config"]["keras_history"][0] for tensor in tensors]
+    first_met: dict[str, int] = {}
+
+    def walk(name: str) -> None:
+        if name not in first_met:
+            first_met[name] = len(first_met)
+            for source in inbound[name]:
+                walk(source)
+
+    for name in outputs:
+        walk(name)
+    depth = dict.fromkeys(first_met, 0)
+    changed = True
+    while changed:  # longest distance to an output (the graph is small and acyclic)
+        changed = False
+        for name in first_met:
+            for source in inbound[name]:
+                if depth[source] < depth[name] + 1:
+                    depth[source], changed = depth[name] + 1, True
+    return sorted(first_met, key=lambda name: (-depth[name], first_met[name]))
+
+
 # --- files -------------------------------------------------------------------------------------
 
 
@@ -252,12 +283,13 @@ def write(
         file.attrs["backend"] = "tensorflow"
         file.attrs["digitseq"] = json.dumps(description)
         weights = file.create_group("model_weights")
-        weights.attrs["layer_names"] = _strings([layer["name"] for layer in graph.layers])
+        order = _keras_order(graph.layers, outputs)
+        weights.attrs["layer_names"] = _strings(order)
         weights.attrs["keras_version"] = KERAS_VERSION
         weights.attrs["backend"] = "tensorflow"
-        for layer in graph.layers:
-            group = weights.create_group(layer["name"])
-            named = graph.weights.get(layer["name"], [])
+        for name in order:
+            group = weights.create_group(name)
+            named = graph.weights.get(name, [])
             group.attrs["weight_names"] = _strings([name for name, _ in named])
             for name, value in named:
                 group.create_dataset(name, data=value)

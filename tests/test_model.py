@@ -85,7 +85,7 @@ def test_an_ensemble_reads_its_members_mean_probabilities():
     np.testing.assert_allclose(nets.probabilities(network, variables, images), np.mean(each, axis=0), atol=1e-6)
 
 
-@pytest.mark.parametrize("preset, members", [("seed", 1), ("default", 1), ("default", 3)])
+@pytest.mark.parametrize("preset, members", [("seed", 1), ("default", 1), ("default", 3), ("seed", 2)])
 def test_model_h5_opens_in_keras_and_matches_flax(tmp_path, preset, members):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
