@@ -561,29 +561,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def chosen_preset(args: argparse.Namespace, backend: str) -> tuple[str, dict[str, int], str]:
-    """The preset when --preset is left out, extra recipe values that come with it, and why: the
-    run a given --workdir records, else the accurate ensemble on an accelerator, else the default."""
+    """The preset when --preset is left out, recipe values that come with it (flags given still win),
+    and why: the run a given --workdir records, else the accurate ensemble on an accelerator, else the
+    default."""
     if args.workdir is not None and args.resume:
         workdir = Workdir(args.workdir)
         if workdir.holds_a_run():
             saved = workdir.read_config()
             if saved.get("preset") in RECIPES:
-                extra = {} if args.ensemble else {"ensemble": saved.get("ensemble", 1)}
-                return saved["preset"], extra, f"the preset {args.workdir} records"
+                return saved["preset"], {"ensemble": saved.get("ensemble", 1)}, f"the preset {args.workdir} records"
     if backend != "cpu":
-        extra = {} if args.ensemble else {"ensemble": ACCELERATOR_ENSEMBLE}
-        return "accurate", extra, f"on {backend}: the accurate preset (--preset default for the CPU recipe)"
+        why = f"on {backend}: the accurate preset (--preset default for the CPU recipe)"
+        return "accurate", {"ensemble": ACCELERATOR_ENSEMBLE}, why
     return "default", {}, ""
 
 
-def config_from_args(args: argparse.Namespace, backend: str = "cpu") -> Recipe:
-    """The preset's recipe with the flags that were given put in place of its values."""
-    return recipe_and_reason(args, backend)[0]
-
-
-def recipe_and_reason(args: argparse.Namespace, backend: str) -> tuple[Recipe, str]:
-    """`config_from_args`, and a line saying what was chosen and why when --preset was left out ("" for the
-    CPU default)."""
+def config_from_args(args: argparse.Namespace, backend: str = "cpu") -> tuple[Recipe, str]:
+    """The preset's recipe with the flags that were given put in place of its values, and a line saying
+    what was chosen and why when --preset was left out ("" for the CPU default)."""
     fields = {field.name for field in dataclasses.fields(Recipe)}
     given = {name: value for name, value in vars(args).items() if name in fields and value is not None}
     if args.streaming:
@@ -613,7 +608,7 @@ def main() -> None:
         raise ValueError(f"--process-id {args.process_id} must be below --num-processes {args.num_processes}")
     try:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.distributed)
-        config, reason = recipe_and_reason(args, jax.default_backend())  # the backend is known once JAX started
+        config, reason = config_from_args(args, jax.default_backend())  # the backend is known once JAX started
         if reason and distributed.is_main():
             print(reason, flush=True)
         workdir = args.workdir or Path("runs") / config.preset
