@@ -39,11 +39,11 @@ from tqdm import tqdm
 from model import distributed, keras_h5, metrics, trained, training
 from model import networks as nets
 from model.checkpoints import BEST_METRIC, Checkpoints, SaveError, storage_failure
-from model.recipes import ACCELERATOR_ENSEMBLE, RECIPES, RESUME_KEYS, STREAMING_EPOCH, Recipe
+from model.recipes import ACCELERATOR_ENSEMBLE, CHECKPOINT_MINUTES, RECIPES, RESUME_KEYS, STREAMING_EPOCH, Recipe
 from model.workdir import Workdir
 from pipeline import flags
 from pipeline.mnist import load_pool
-from pipeline.sequences import SequenceConfig, eval_batches, numpy_batches, train_batches
+from pipeline.sequences import SequenceConfig, eval_batches, numpy_batches, numpy_stacks, train_batches
 
 PROG = "train.py"
 EVAL_BATCH = 1000
@@ -95,6 +95,7 @@ class Run:
         mesh = distributed.data_mesh()
         self.replicated = NamedSharding(mesh, P())
         self.sharded = NamedSharding(mesh, P("data"))
+        self.stacked = NamedSharding(mesh, P(None, "data"))  # [S, B, ...]: several steps' batches
         self.eval_batch = math.ceil(EVAL_BATCH / devices) * devices
         self.main = distributed.is_main()
 
@@ -105,9 +106,10 @@ class Run:
         self.val_pool = load_pool(config.validate_on, data_dir, mnist_dir)
         self.checkpoints = Checkpoints(self.workdir.checkpoints, writer=True)
         self.state = self._initial_state()
+        self.saved_at = time.monotonic()  # without --checkpoint-every, checkpoints are CHECKPOINT_MINUTES apart
         self.step_fn = training.jit_train_step(
             self.network, self.optimizer, config.seed, config.label_smoothing,
-            in_shardings=(self.replicated, self.sharded), out_shardings=self.replicated,
+            in_shardings=(self.replicated, self.stacked, self.replicated), out_shardings=self.replicated,
         )  # fmt: skip
         self.tensorboard = tf.summary.create_file_writer(str(self.workdir.tensorboard)) if self.main else None
 
@@ -183,7 +185,12 @@ class Run:
 
     # -- data --
 
-    def batches(self, start_step: int) -> Iterator[dict]:
+    def batches(self, start_step: int) -> Iterator[tuple[dict, jax.Array]]:
+        """(stack, index) for each step from start_step on: the step trains on batch `index` of the stack.
+
+        Each tf.data element, several consecutive steps' batches, goes to the devices whole and one
+        element ahead of the steps that read it: no step waits for, or pays, a transfer of its own.
+        """
         config = self.config
         stream = train_batches(
             self.train_pool,
@@ -194,8 +201,18 @@ class Run:
             start_step=start_step,
             shard=(jax.process_index(), jax.process_count()),  # this process's rows (see distributed.data_mesh)
         )
-        for batch in numpy_batches(stream):
-            yield {name: jax.make_array_from_process_local_data(self.sharded, a) for name, a in batch.items()}
+        stacks = numpy_stacks(stream)
+
+        def on_devices(stack: dict) -> dict:
+            return {name: jax.make_array_from_process_local_data(self.stacked, a) for name, a in stack.items()}
+
+        ahead = on_devices(next(stacks))
+        indices = [np.int32(i) for i in range(ahead["labels"].shape[0])]
+        indices = [jax.make_array_from_process_local_data(self.replicated, i) for i in indices]
+        while True:
+            stack, ahead = ahead, on_devices(next(stacks))
+            for index in indices:
+                yield stack, index
 
     def validate(self) -> dict:
         data = eval_batches(
@@ -244,6 +261,7 @@ class Run:
             raise TrainingStopped(f"writing {path} failed ({reason}); {intact}; {_rerun(reason)}") from None
 
     def save(self, val_figures: dict | None = None) -> None:
+        self.saved_at = time.monotonic()
         self.check_finite()
         step = int(self.state.step)
         if step in self.checkpoints.all_steps():
@@ -260,16 +278,19 @@ class Run:
             with self.writing(self.workdir.model):
                 keras_h5.write(self.workdir.model, self.network, self.image_shape, variables, self.preset.name, step)
 
-    def log_epoch(self, epoch: float, seconds: float, steps: int, train: dict, val: dict) -> None:
+    def log_epoch(
+        self, epoch: float, seconds: float, steps: int, steps_per_second: float | None, train: dict, val: dict
+    ) -> None:
         if not self.main:
             return
-        record = {"epoch": epoch, "step": int(self.state.step), "seconds": round(seconds, 3)}
+        rate = None if steps_per_second is None else round(steps_per_second, 2)
+        record = {"epoch": epoch, "step": int(self.state.step), "seconds": round(seconds, 3), "steps_per_second": rate}
         record |= metrics.flat(train) | metrics.flat(val, "val_")
         with self.writing(self.workdir.metrics_file):
             self.workdir.append_metrics(record)
         with self.tensorboard.as_default(step=record["step"]):
             for name, value in record.items():
-                if name not in ("epoch", "step", "seconds"):
+                if name not in ("epoch", "step", "seconds") and value is not None:
                     tf.summary.scalar(name, value)
         self.tensorboard.flush()
         per_step = seconds / max(steps, 1) * 1000
@@ -303,11 +324,17 @@ class Run:
                         zeros = jax.device_put(metrics.zeros(config.max_digits), self.replicated)
                         self.state = self.state.replace(sums=zeros)
 
-                self.state = self.step_fn(self.state, next(batches))
+                self.state = self.step_fn(self.state, *next(batches))
                 step += 1
+                if step == estimate.first:  # the first step compiled: the epoch's rate counts from its end
+                    jax.block_until_ready(self.state.step)
+                    epoch.clock(step)
                 estimate.after(step, self.state)
                 epoch.bar.advance(step - epoch.number * per_epoch, self.state)
-                signalled, late = distributed.any_process(interrupts.signal is not None, budget.late())
+                save_due = time.monotonic() - self.saved_at > CHECKPOINT_MINUTES * 60
+                signalled, late, save_due = distributed.any_process(
+                    step, interrupts.signal is not None, budget.late(), save_due
+                )
 
                 if signalled:
                     epoch.bar.close()
@@ -327,7 +354,7 @@ class Run:
                         return 0
                     if step == total:
                         break
-                elif step % config.checkpoint_every == 0:
+                elif (step % config.checkpoint_every == 0) if config.checkpoint_every else save_due:
                     self.save()
             if interrupts.signal is not None:  # it came while the last epoch was being finished
                 if self.main:
@@ -343,12 +370,13 @@ class Run:
     def end_epoch(self, epoch: _Epoch, step: int) -> None:
         """Validates, logs, checkpoints and writes model.h5 (also at a stop before the epoch's end)."""
         epoch.bar.close()
-        self.check_finite()
+        self.check_finite()  # waits for the last step
+        steps_per_second = epoch.steps_per_second(step)
         train_figures = metrics.summarize(self.state.sums)
         val_figures = self.validate()
         seconds = time.perf_counter() - epoch.started
         done = round(step / self.config.steps_per_epoch, 4)
-        self.log_epoch(done, seconds, step - epoch.first_step, train_figures, val_figures)
+        self.log_epoch(done, seconds, step - epoch.first_step, steps_per_second, train_figures, val_figures)
         self.save(val_figures)
         self.write_model()
 
@@ -369,6 +397,16 @@ class _Epoch:
         self.number, self.first_step = number, first_step
         self.started = time.perf_counter()
         self.bar = _progress(per_epoch, first_step - number * per_epoch, shown)
+        self.clock(first_step)
+
+    def clock(self, step: int) -> None:
+        """The loop's rate counts from here (the end of `step`)."""
+        self.clock_step, self.clock_started = step, time.perf_counter()
+
+    def steps_per_second(self, step: int) -> float | None:
+        """Of the loop from the clock to `step` (finished): data, steps, periodic checkpoints, progress."""
+        seconds = time.perf_counter() - self.clock_started
+        return (step - self.clock_step) / seconds if step > self.clock_step else None
 
 
 class _Estimate:
@@ -530,8 +568,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--checkpoint-every", type=flags.positive_int,
-        help="steps between periodic checkpoints, also saved at every epoch end and on Ctrl-C/SIGTERM "
-        f"{recipe('checkpoint_every')}",
+        help="steps between periodic checkpoints (default: one every "
+        f"{CHECKPOINT_MINUTES:g} min of wall time); also saved at every epoch end and on Ctrl-C/SIGTERM",
     )  # fmt: skip
     flags.add_data_flags(parser)
     flags.add_sequence_flags(parser)

@@ -52,11 +52,21 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
-def any_process(*flags: bool) -> tuple[bool, ...]:
-    """Each flag true on every process if it is true on any: so that all stop at the same step.
-    Several flags travel in one all-gather (nothing is exchanged for a single process)."""
+# With several processes, the loop's stop flags are compared every this many steps: an all-gather is
+# a round trip between hosts, too slow for every step of a fast network.
+AGREE_EVERY = 16
+
+
+def any_process(step: int, *flags: bool) -> tuple[bool, ...]:
+    """Each flag true on every process if it is true on any, so that all act at the same step.
+
+    One process decides alone, at every step, for free. Several compare their flags (in one
+    all-gather) only at steps that are multiples of AGREE_EVERY; at other steps every flag is False.
+    """
     if jax.process_count() == 1:
         return flags
+    if step % AGREE_EVERY:
+        return (False,) * len(flags)
     gathered = multihost_utils.process_allgather(np.array(flags, np.int32))
     return tuple(bool(v) for v in np.any(gathered.reshape(-1, len(flags)), axis=0))
 

@@ -29,7 +29,7 @@ class Recipe:
     ensemble: int  # networks trained together as one model (model.networks.Network.members)
     val_examples: int
     validate_on: str  # "validation" (held-out train digits) or "test"
-    checkpoint_every: int  # steps
+    checkpoint_every: int | None  # steps between periodic checkpoints; None: CHECKPOINT_MINUTES apart
     max_steps: int | None  # stop after this many steps in all
     time_budget: float | None  # minutes of wall time for one invocation
 
@@ -53,7 +53,7 @@ class Recipe:
 
 _RUN = dict(
     max_digits=5, image_size=None, seed=0, ensemble=1, val_examples=10_000, validate_on="validation",
-    checkpoint_every=200, max_steps=None, time_budget=None,
+    checkpoint_every=None, max_steps=None, time_budget=None,
 )  # fmt: skip
 
 RECIPES: dict[str, Recipe] = {
@@ -73,6 +73,10 @@ RECIPES: dict[str, Recipe] = {
         label_smoothing=0.1, augment=True, **_RUN,
     ),
 }  # fmt: skip
+
+# Periodic checkpoints by wall time, by default: a kill loses at most this much work, and a fast step
+# (a millisecond on an accelerator) is not slowed by saving every so many steps.
+CHECKPOINT_MINUTES = 1
 
 # What `python train.py` trains, with no --preset, on a GPU or TPU: the accurate preset, an ensemble of
 # this many members (on a CPU: the default preset alone).

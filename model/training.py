@@ -101,9 +101,16 @@ def jit_train_step(
     label_smoothing: float = 0.0,
     **jit_kwargs,
 ):
-    """train_step with the network, optimizer, seed and label smoothing bound, jitted (state donated)."""
+    """train_step with the network, optimizer, seed and label smoothing bound, jitted (state donated).
 
-    def step(state: TrainState, batch: dict) -> TrainState:
+    Called as step(state, batch), or as step(state, batches, index) with batches stacked on a leading
+    axis ([S, B, ...]): the step trains on batch `index` of them. Putting a stack on the devices once
+    and picking its batches inside the step saves a host-to-device transfer per step.
+    """
+
+    def step(state: TrainState, batch: dict, index: jax.Array | None = None) -> TrainState:
+        if index is not None:
+            batch = jax.tree.map(lambda stacked: jax.lax.dynamic_index_in_dim(stacked, index, keepdims=False), batch)
         return train_step(
             state, batch, network=network, optimizer=optimizer, seed=seed, label_smoothing=label_smoothing
         )

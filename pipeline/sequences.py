@@ -318,15 +318,16 @@ def eval_batches(
     return _finish(starts.map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True), threads)
 
 
-def numpy_batches(dataset: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
-    """The dataset's batches, one step at a time, as NumPy arrays sharing the tensors' memory.
-
-    This is what a training loop consumes. Every element of `train_batches` and `eval_batches`
-    holds a stack of steps ([S, B, ...]: several per call for training, one for evaluation); they
-    are split here into views, which costs nothing. (`_numpy()` is what `as_numpy_iterator`
-    calls too: a view of a CPU tensor's buffer, no copy.)
-    """
+def numpy_stacks(dataset: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+    """The dataset's elements as NumPy arrays sharing the tensors' memory: stacks of steps' batches
+    ([S, B, ...]: several steps per element for training, one for evaluation). (`_numpy()` is what
+    `as_numpy_iterator` calls too: a view of a CPU tensor's buffer, no copy.)"""
     for element in dataset:
-        arrays = {name: tensor._numpy() for name, tensor in element.items()}
+        yield {name: tensor._numpy() for name, tensor in element.items()}
+
+
+def numpy_batches(dataset: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+    """The dataset's batches, one step at a time, as views into `numpy_stacks`, which costs nothing."""
+    for arrays in numpy_stacks(dataset):
         for step in range(arrays["labels"].shape[0]):
             yield {name: array[step] for name, array in arrays.items()}

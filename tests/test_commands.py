@@ -9,7 +9,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, command
 
 from pipeline.sequences import SequenceConfig, eval_batches, numpy_batches
 
@@ -91,3 +91,12 @@ def test_step_rate_benchmark_prints_json_last():
     assert figures["ratio"] == pytest.approx(figures["flax_ex_per_s"] / figures["keras_ex_per_s"], rel=0.01)
     assert figures["default"]["preset"] == "default" and figures["default"]["flax_ex_per_s"] > 0
     assert len(figures["runs"]["keras"]) == 2
+
+
+def test_loop_benchmark_prints_json_last(mnist_dir):
+    result = command("benchmark.py", "--steps", "30", "--repeats", "2", "--batch-size", "4")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["preset"] == "default" and figures["batch_size"] == 4 and figures["steps"] == 30
+    assert figures["bare_steps_per_s"] > 0 and figures["loop_steps_per_s"] > 0 and len(figures["runs"]["loop"]) == 2
+    assert figures["overhead"] == pytest.approx(1 - figures["loop_steps_per_s"] / figures["bare_steps_per_s"], abs=2e-3)

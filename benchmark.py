@@ -1,0 +1,93 @@
+"""The training loop's own cost: train.py's steps/s beside its bare jitted step, in one process.
+
+    python benchmark.py [--preset default] [--max-digits 1] [--batch-size 2] [--steps 3000] [--repeats 3]
+
+Each repeat builds a fresh run of train.py (a temporary workdir) and times, one after the other:
+- the bare step: the run's own jitted step, `--steps` times on one batch already on the device;
+- the loop: `train.py`'s loop for two epochs of `--steps` steps each (tf.data, the batches put on
+  the devices ahead, the step, progress, signals, periodic checkpoints), whose steps/s of the
+  second epoch is read from metrics.jsonl (validation and compilation are not in it).
+The defaults make a step of about a millisecond on a CPU, where the loop's cost shows most.
+Overhead = 1 - loop / bare, from the medians. Last line of output: one JSON object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+from tqdm import tqdm
+
+import train
+from pipeline import flags
+
+
+def bare_steps_per_second(run: train.Run, steps: int) -> float:
+    stack, index = next(run.batches(0))
+    state = run.step_fn(jax.tree.map(jnp.copy, run.state), stack, index)  # compiled already: warms up
+    jax.block_until_ready(state)
+    started = time.perf_counter()
+    for _ in range(steps):
+        state = run.step_fn(state, stack, index)
+    jax.block_until_ready(state)
+    return steps / (time.perf_counter() - started)
+
+
+def loop_steps_per_second(run: train.Run) -> float:
+    with contextlib.redirect_stdout(io.StringIO()):
+        status = run.train()
+    if status:
+        raise SystemExit(f"benchmark.py: the training loop stopped with status {status}")
+    return run.workdir.read_metrics()[-1]["steps_per_second"]
+
+
+def main() -> None:
+    parser = flags.ArgumentParser(
+        prog="python benchmark.py",
+        description="Time train.py's whole loop against its bare jitted step on the same network and batch. "
+        "Last line of output: one JSON object.",
+    )
+    parser.add_argument("--preset", default="default", help="network (default: default)")
+    parser.add_argument("--max-digits", type=flags.positive_int, default=1, help="positions (default: 1)")
+    parser.add_argument("--batch-size", type=flags.positive_int, default=2, help="global batch (default: 2)")
+    parser.add_argument("--steps", type=flags.positive_int, default=3000, help="steps an epoch (default: 3000)")
+    parser.add_argument("--repeats", type=flags.positive_int, default=3, help="repeats (default: 3)")
+    flags.add_data_flags(parser)
+    args = parser.parse_args()
+    runs: dict[str, list[float]] = {"bare": [], "loop": []}
+    for _ in tqdm(range(args.repeats), desc="timing", unit="repeat"):
+        with tempfile.TemporaryDirectory() as workdir:
+            argv = [
+                "--preset", args.preset, "--max-digits", str(args.max_digits), "--batch-size", str(args.batch_size),
+                "--train-examples", str(args.steps * args.batch_size), "--epochs", "2", "--val-examples", "100",
+                "--workdir", workdir,
+            ]  # fmt: skip
+            config, _ = train.config_from_args(train.parse_args(argv))
+            run = train.Run(config, workdir, args.data_dir, args.mnist_dir, resume=False)
+            runs["bare"].append(bare_steps_per_second(run, args.steps))
+            runs["loop"].append(loop_steps_per_second(run))
+    bare, loop = statistics.median(runs["bare"]), statistics.median(runs["loop"])
+    print(
+        f"{args.preset} network, {args.max_digits} digit(s), batch {args.batch_size}: bare step {bare:.1f} steps/s "
+        f"({1000 / bare:.2f} ms), train.py's loop {loop:.1f} steps/s: overhead {100 * (1 - loop / bare):.1f} %",
+        file=sys.stderr,
+    )
+    result = {
+        "preset": args.preset, "max_digits": args.max_digits, "batch_size": args.batch_size, "steps": args.steps,
+        "bare_steps_per_s": round(bare, 1), "loop_steps_per_s": round(loop, 1),
+        "overhead": round(1 - loop / bare, 4),
+        "runs": {name: [round(r, 1) for r in rates] for name, rates in runs.items()},
+        "backend": jax.default_backend(), "devices": jax.device_count(),
+    }  # fmt: skip
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    flags.run(main, "benchmark.py")
