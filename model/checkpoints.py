@@ -173,11 +173,17 @@ def _quiet_orbax() -> Iterator[None]:
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
             _drop_stragglers()
             gc.collect()  # most of them now, while stderr is still held
-            raise
-        finally:
+            # A thread may be halfway through a traceback: file descriptor 2 stays away from the
+            # terminal for good, and Python's own stderr (the caller's one-line report) gets the original.
             sys.stderr.flush()
-            os.dup2(saved_fd, 2)
-            os.close(saved_fd)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+            sys.stderr = os.fdopen(saved_fd, "w", buffering=1)
+            raise
+        sys.stderr.flush()
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
 
 
 def _drop_stragglers() -> None:

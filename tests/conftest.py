@@ -52,11 +52,13 @@ def command(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory, mnist_dir) -> Path:
     """The default preset trained briefly (250 steps of 64, Adam 1e-3, augmented) on sequences of 1–2 digits:
-    it reads them well (≈97 % of sequences), so eval and predict have a real model to test."""
+    it reads them well (≈97 % of sequences), so eval and predict have a real model to test. Checkpoints
+    at steps 200 and 250."""
     workdir = tmp_path_factory.mktemp("trained") / "run"
     result = command(
         "train.py", "--workdir", str(workdir), "--max-digits", "2", "--batch-size", "64", "--max-steps", "250",
         "--learning-rate", "1e-3", "--schedule", "constant", "--augment", "--val-examples", "500",
+        "--checkpoint-every", "200",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return workdir
