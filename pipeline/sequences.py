@@ -161,7 +161,7 @@ class _Builder:
         self.rows = tf.constant(rows.view(np.int32))
         self.labels = tf.constant(np.concatenate([pool.labels, [BLANK]]).astype(np.int32))
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=True, autograph=False)
     def draw(self, keys: tf.Tensor, shift_keys: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor | None]:
         """keys [b] → pool indices [b, K] (blank = pool size after the length), shifts [b, K, 2] or None."""
         k = self.config.max_digits
@@ -174,7 +174,7 @@ class _Builder:
         return digits, _below(_hash(shift_keys[:, None, None], tf.range(k)[:, None], tf.range(2)), 2 * s + 1) - s
 
     # A separate XLA function from `draw`: fused into one, XLA recomputes the hashes for every row.
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=True, autograph=False)
     def stitch(self, digits: tf.Tensor, shifts: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
         """digits [b, K] → image uint8 [b, 28, 28·K, 1], labels int32 [b, K]."""
         row = tf.range(TILE)[None, :, None]
@@ -190,7 +190,7 @@ class _Builder:
         image = tf.reshape(tf.bitcast(rows, tf.uint8), [-1, TILE, TILE * self.config.max_digits, 1])
         return {"image": image, "labels": tf.gather(self.labels, digits)}
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=True, autograph=False)
     def resize(self, image: tf.Tensor) -> tf.Tensor:
         return resize(image, self.config.image_size)
 
@@ -209,6 +209,11 @@ class _Builder:
 def _check_whole(name: str, value: int, least: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ValueError(f"{name} must be a whole number of at least {least}, not {value!r}")
+
+
+def _plain(function):
+    """A function traced as written: AutoGraph's rewrite (1–2 s at every start) has nothing to convert here."""
+    return tf.autograph.experimental.do_not_convert(function)
 
 
 def _finish(dataset: tf.data.Dataset, threads: int | None) -> tf.data.Dataset:
@@ -285,7 +290,7 @@ def train_batches(
         return {name: tf.reshape(t, [steps_per_call, per_shard, *t.shape[1:]]) for name, t in flat.items()}
 
     calls = tf.data.Dataset.range(start_step, 2**62, steps_per_call)
-    return _finish(calls.map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True), threads)
+    return _finish(calls.map(_plain(make), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True), threads)
 
 
 def eval_batches(
@@ -315,7 +320,7 @@ def eval_batches(
         return {name: t[None] for name, t in batch.items()}  # a stack of one step, like train_batches'
 
     starts = tf.data.Dataset.range(0, num_examples, batch_size)
-    return _finish(starts.map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True), threads)
+    return _finish(starts.map(_plain(make), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True), threads)
 
 
 def numpy_stacks(dataset: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:

@@ -94,10 +94,9 @@ def test_step_rate_benchmark_prints_json_last():
 
 
 def test_loop_benchmark_prints_json_last(mnist_dir):
-    result = command("benchmark.py", "--steps", "30", "--repeats", "2", "--batch-size", "4")
+    result = command("benchmark.py", "--steps", "30", "--repeats", "1", "--batch-size", "4")
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["preset"] == "default" and figures["batch_size"] == 4 and figures["steps"] == 30
-    assert figures["bare_steps_per_s"] > 0 and figures["loop_steps_per_s"] > 0 and len(figures["runs"]["loop"]) == 2
-    ratios = [1 - loop / bare for bare, loop in zip(figures["runs"]["bare"], figures["runs"]["loop"], strict=True)]
-    assert figures["overhead"] == pytest.approx(sum(ratios) / 2, abs=2e-3)  # the median of two
+    assert figures["bare_steps_per_s"] > 0 and figures["loop_steps_per_s"] > 0 and len(figures["runs"]["loop"]) == 1
+    assert figures["overhead"] == pytest.approx(1 - figures["loop_steps_per_s"] / figures["bare_steps_per_s"], abs=2e-3)

@@ -107,7 +107,7 @@ def steps_saved(workdir: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_interrupted_every_way_then_rerun_ends_bit_identical(tmp_path, mnist_dir):
-    steps = ["--max-steps", "16", "--checkpoint-every", "3"]
+    steps = ["--max-digits", "2", "--batch-size", "32", "--max-steps", "16", "--checkpoint-every", "3"]
     straight = train(tmp_path / "straight", *steps)
     assert straight.returncode == 0, straight.stderr
     workdir = tmp_path / "interrupted"
@@ -129,7 +129,7 @@ def test_interrupted_every_way_then_rerun_ends_bit_identical(tmp_path, mnist_dir
     assert 3 <= stopped < 15
 
     # kill -9 in the middle of a checkpoint save: frozen while orbax's temporary folder exists, then killed.
-    killed = start(workdir, *steps[:2], "--checkpoint-every", "1")
+    killed = start(workdir, *steps[:6], "--checkpoint-every", "1")
     partials = workdir / "checkpoints"
     while True:
         wait_for(lambda: any(partials.glob("*.orbax-checkpoint-tmp*")), killed)
@@ -257,7 +257,7 @@ def two_processes(workdir: Path, *flags: str) -> None:
 
 @pytest.mark.slow
 def test_two_processes_match_two_devices_in_one(tmp_path, mnist_dir):
-    flags = ["--train-examples", "512", "--epochs", "2"]  # 4 steps an epoch: a loss curve of 2 points
+    flags = ["--max-digits", "2", "--batch-size", "32", "--train-examples", "128", "--epochs", "2"]  # 4 steps an epoch
     two = train(tmp_path / "two", *flags, env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
     assert two.returncode == 0, two.stderr
     # Two processes, stopped after epoch 1 and resumed: orbax saves and restores across both.
