@@ -31,8 +31,12 @@ from pipeline import flags
 
 
 def bare_steps_per_second(run: train.Run, steps: int) -> float:
-    stack, index = next(run.batches(0))
-    state = run.step_fn(jax.tree.map(jnp.copy, run.state), stack, index)  # compiled already: warms up
+    batches = run.batches(0)
+    stack, index = next(batches)
+    batches.close()  # tf.data's threads stop: nothing but the step runs
+    state = jax.tree.map(jnp.copy, run.state)
+    for _ in range(10):  # compiles, warms up
+        state = run.step_fn(state, stack, index)
     jax.block_until_ready(state)
     started = time.perf_counter()
     for _ in range(steps):
