@@ -72,7 +72,7 @@ def train_step(
             targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
             losses = optax.softmax_cross_entropy(logits, targets)
         else:
-            losses = metrics.position_losses(logits, labels)
+            losses = metrics.position_losses(logits, jnp.broadcast_to(labels, logits.shape[:-1]))  # members too
         return losses.sum(axis=-1).mean(axis=-1).sum(), (logits, updates)  # the last sum: over members
 
     (_, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

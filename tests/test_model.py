@@ -10,9 +10,10 @@ import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from model import keras_h5, metrics
+from model import keras_h5, metrics, training
 from model import networks as nets
 
 B = nets.NUM_CLASSES - 1  # blank
@@ -83,6 +84,26 @@ def test_an_ensemble_reads_its_members_mean_probabilities():
     each = [nets.probabilities(single, member, images) for member in members]
     assert not np.allclose(each[0], each[1])  # each member its own initial weights
     np.testing.assert_allclose(nets.probabilities(network, variables, images), np.mean(each, axis=0), atol=1e-6)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_an_ensemble_step_trains_each_member_as_it_would_alone(label_smoothing):
+    layers = tuple(layer for layer in nets.DEFAULT.layers if not isinstance(layer, nets.Dropout))  # same keys
+    ensemble, single = nets.Network(layers, positions=2, members=2), nets.Network(layers, positions=2)
+    optimizer = optax.sgd(0.1)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.integers(0, 256, (16, 28, 56, 1)).astype(np.uint8),
+        "labels": rng.integers(0, nets.NUM_CLASSES, (16, 2)).astype(np.int32),
+    }
+    variables = jax.tree.map(np.asarray, nets.init_variables(ensemble, (28, 56), seed=0))  # kept: steps donate
+    state = training.create_state(jax.tree.map(jnp.asarray, variables), optimizer, 2)
+    trained = training.jit_train_step(ensemble, optimizer, 0, label_smoothing)(state, batch)
+    step = training.jit_train_step(single, optimizer, 0, label_smoothing)
+    for before, after in zip(nets.member_variables(ensemble, variables),
+                             nets.member_variables(ensemble, trained.variables), strict=True):  # fmt: skip
+        alone = step(training.create_state(jax.tree.map(jnp.asarray, before), optimizer, 2), batch)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), alone.variables, after)
 
 
 @pytest.mark.parametrize("preset, members", [("seed", 1), ("default", 1), ("default", 3), ("seed", 2)])
