@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 import train
+from model import networks as nets
 from pipeline import flags
 
 
@@ -59,10 +60,13 @@ def main() -> None:
         description="Time train.py's whole loop against its bare jitted step on the same network and batch. "
         "Last line of output: one JSON object.",
     )
-    parser.add_argument("--preset", default="default", help="network (default: default)")
+    parser.add_argument("--preset", choices=list(nets.PRESETS), default="default", help="network (default: default)")
     parser.add_argument("--max-digits", type=flags.positive_int, default=1, help="positions (default: 1)")
     parser.add_argument("--batch-size", type=flags.positive_int, default=2, help="global batch (default: 2)")
-    parser.add_argument("--steps", type=flags.positive_int, default=3000, help="steps an epoch (default: 3000)")
+    parser.add_argument(
+        "--steps", type=flags.positive_int, default=3000,
+        help="steps timed bare, and in each of the loop's 2 epochs (default: 3000)",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=flags.positive_int, default=5, help="repeats (default: 5)")
     flags.add_data_flags(parser)
     args = parser.parse_args()
