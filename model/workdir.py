@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import json
 import os
 import shutil
@@ -80,10 +81,12 @@ class Workdir:
         return self.config_file.is_file()
 
     def is_foreign(self) -> bool:
-        """A non-empty folder that no train.py wrote: never to be written into."""
+        """A non-empty folder that no train.py wrote: never to be written into. (Its lock and a partial
+        file are train.py's own: another process of the run may be writing config.json right now.)"""
         if not self.path.is_dir() or self.holds_a_run():
             return False
-        return any(p.name != LOCK for p in self.path.iterdir())
+        ours = (LOCK, _PARTIAL.format(name="*"))
+        return any(not any(fnmatch.fnmatch(p.name, pattern) for pattern in ours) for p in self.path.iterdir())
 
     def has_checkpoint(self) -> bool:
         return self.checkpoints.is_dir() and any(p.name.isdigit() for p in self.checkpoints.iterdir())

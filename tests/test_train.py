@@ -322,3 +322,16 @@ def test_a_folder_that_is_not_a_workdir_is_left_alone(tmp_path):
     result = train(tmp_path)
     assert result.returncode == 2 and "holds no digitseq run" in result.stderr
     assert (tmp_path / "model.h5").read_text() == "someone else's file" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_workdir_another_process_of_the_run_is_setting_up_is_not_foreign(tmp_path):
+    # Process 0 of a multi-process run takes the lock and writes config.json atomically (a partial file, then
+    # a rename); the other processes look at the folder meanwhile and must not call it someone else's.
+    from model.workdir import Workdir
+
+    workdir = Workdir(tmp_path)
+    (tmp_path / ".lock").write_text("123\n")
+    (tmp_path / ".config.json.partial").write_text("{")
+    assert not workdir.is_foreign()
+    (tmp_path / "notes.txt").write_text("someone else's")
+    assert workdir.is_foreign()
