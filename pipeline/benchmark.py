@@ -3,13 +3,15 @@
     python -m pipeline.benchmark [--image-size 64x64] [--augment] [--threads N]
 
 Measures what a training loop consumes (uint8 batches as NumPy, after warm-up, several timed
-repeats, median) and, in the same run, the 2017 notebook's way: a Python loop that stitches one
-example at a time. The last line is one JSON object.
+repeats, median) for each layout — cells, free and mixed, their repeats taken in turn so that the
+machine's drift falls on all alike — and, in the same run, the 2017 notebook's way: a Python loop
+that stitches one example at a time. The last line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -21,7 +23,7 @@ from tqdm import tqdm
 
 from pipeline import flags
 from pipeline.mnist import DigitPool, load_pool
-from pipeline.sequences import BLANK, TILE, SequenceConfig, numpy_batches, train_batches
+from pipeline.sequences import BLANK, LAYOUTS, TILE, SequenceConfig, numpy_batches, train_batches
 
 
 def notebook_loop(pool: DigitPool, config: SequenceConfig, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -41,21 +43,25 @@ def notebook_loop(pool: DigitPool, config: SequenceConfig, count: int, rng: np.r
     return np.stack(images)
 
 
-def time_tfdata(pool: DigitPool, config: SequenceConfig, args: argparse.Namespace) -> list[float]:
-    batches = numpy_batches(
-        train_batches(
-            pool, config, batch_size=args.batch_size, seed=0, num_examples=args.train_examples, threads=args.threads
+def time_tfdata(pool: DigitPool, configs: dict[str, SequenceConfig], args: argparse.Namespace) -> dict[str, list]:
+    """Sequences/s of each config's stream, timed in turn: repeat 1 of each, then repeat 2 of each, …"""
+    streams = {}
+    for name, config in configs.items():
+        streams[name] = numpy_batches(
+            train_batches(
+                pool, config, batch_size=args.batch_size, seed=0, num_examples=args.train_examples, threads=args.threads
+            )
         )
-    )
-    for _ in tqdm(range(args.warmup_batches), desc="tf.data warm-up", leave=False):
-        next(batches)
-    rates = []
+        for _ in tqdm(range(args.warmup_batches), desc=f"tf.data warm-up, {name}", leave=False):
+            next(streams[name])
+    rates = {name: [] for name in configs}
     for _ in tqdm(range(args.repeats), desc="tf.data timed repeats", leave=False):
-        start = time.perf_counter()
-        for _ in range(args.batches):
-            batch = next(batches)
-        rates.append(args.batches * args.batch_size / (time.perf_counter() - start))
-        assert batch["image"].dtype == np.uint8
+        for name, batches in streams.items():
+            start = time.perf_counter()
+            for _ in range(args.batches):
+                batch = next(batches)
+            rates[name].append(args.batches * args.batch_size / (time.perf_counter() - start))
+            assert batch["image"].dtype == np.uint8
     return rates
 
 
@@ -72,11 +78,14 @@ def time_baseline(pool: DigitPool, config: SequenceConfig, args: argparse.Namesp
 def main(argv: list[str] | None = None) -> None:
     parser = flags.ArgumentParser(
         prog="python -m pipeline.benchmark",
-        description="Sequences/s from the tf.data pipeline (as NumPy batches) beside the notebook's "
-        "one-example-at-a-time loop, measured in the same run. Last line: JSON.",
+        description="Sequences/s from the tf.data pipeline (as NumPy batches), for each layout, beside the "
+        "notebook's one-example-at-a-time loop, measured in the same run. Last line: JSON.",
     )
     parser.add_argument("--batch-size", type=flags.positive_int, default=256, help="sequences per batch (default: 256)")
-    parser.add_argument("--augment", action="store_true", help="time the pipeline with per-digit shift augmentation")
+    parser.add_argument(
+        "--augment", action="store_true",
+        help="time the pipeline with augmentation (cells: per-digit shifts; free: the frame jittered)",
+    )  # fmt: skip
     parser.add_argument(
         "--threads",
         type=flags.positive_int,
@@ -104,17 +113,21 @@ def main(argv: list[str] | None = None) -> None:
         default=5000,
         help="examples per notebook-loop repeat (default: 5000)",
     )
-    flags.add_sequence_flags(parser)
+    flags.add_sequence_flags(parser, with_layout=False)
     flags.add_data_flags(parser)
     args = parser.parse_args(argv)
     config = flags.sequence_config(args, augment=args.augment)
     pool = load_pool("train", args.data_dir, args.mnist_dir)
 
-    tfdata = time_tfdata(pool, config, args)
+    configs = {layout: dataclasses.replace(config, layout=layout) for layout in LAYOUTS}
+    tfdata = time_tfdata(pool, configs, args)
     baseline = time_baseline(pool, config, args)
-    tfdata_rate, baseline_rate = statistics.median(tfdata), statistics.median(baseline)
+    rates = {layout: statistics.median(runs) for layout, runs in tfdata.items()}
+    tfdata_rate, baseline_rate = rates["cells"], statistics.median(baseline)
     result = {
-        "tfdata_seq_per_s": round(tfdata_rate),
+        "tfdata_seq_per_s": round(tfdata_rate),  # the cell layout's, which the notebook loop builds too
+        "free_seq_per_s": round(rates["free"]),
+        "mixed_seq_per_s": round(rates["mixed"]),
         "baseline_loop_seq_per_s": round(baseline_rate),
         "speedup": round(tfdata_rate / baseline_rate, 1),
         "batch_size": args.batch_size,
@@ -124,13 +137,14 @@ def main(argv: list[str] | None = None) -> None:
         "mode": "streaming" if args.train_examples is None else f"fixed set of {args.train_examples}",
         "max_digits": args.max_digits,
         "repeats": args.repeats,
-        "tfdata_runs": [round(r) for r in tfdata],
+        "tfdata_runs": {layout: [round(r) for r in runs] for layout, runs in tfdata.items()},
         "baseline_runs": [round(r) for r in baseline],
     }
     shape = "x".join(map(str, config.image_shape))
     print(
         f"{shape}{' augmented' if args.augment else ''}, batch {args.batch_size}, {result['threads']} threads: "
-        f"tf.data {tfdata_rate:,.0f} seq/s, notebook loop {baseline_rate:,.0f} seq/s, {result['speedup']}x"
+        f"tf.data {tfdata_rate:,.0f} seq/s in cells, {rates['free']:,.0f} free, {rates['mixed']:,.0f} mixed; "
+        f"notebook loop (cells) {baseline_rate:,.0f} seq/s, {result['speedup']}x"
     )
     print(json.dumps(result))
 

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 
 from pipeline.mnist import MnistError
-from pipeline.sequences import SequenceConfig, parse_image_size
+from pipeline.sequences import LAYOUTS, SequenceConfig, parse_image_size
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -74,8 +74,19 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_sequence_flags(parser: argparse.ArgumentParser) -> None:
+LAYOUT_HELP = (
+    "how the sequences look: cells (digit k in the k-th 28x28 cell, as MNIST centred it), free (numbers as "
+    "people write them: each digit its own size, baseline and gap, overlapping to wide, framed as predict.py "
+    "frames a photo) or mixed (a quarter cells, the rest free)"
+)
+
+
+def add_sequence_flags(
+    parser: argparse.ArgumentParser, layout_default: str = "(default: cells)", with_layout: bool = True
+) -> None:
     group = parser.add_argument_group("sequences")
+    if with_layout:
+        group.add_argument("--layout", choices=LAYOUTS, default="cells", help=f"{LAYOUT_HELP} {layout_default}")
     group.add_argument(
         "--max-digits", type=positive_int, default=5, help="longest sequence and number of positions (default: 5)"
     )
@@ -89,7 +100,8 @@ def add_sequence_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def sequence_config(args: argparse.Namespace, augment: bool = False) -> SequenceConfig:
-    return SequenceConfig(max_digits=args.max_digits, image_size=args.image_size, augment=augment)
+    layout = getattr(args, "layout", "cells")
+    return SequenceConfig(max_digits=args.max_digits, image_size=args.image_size, augment=augment, layout=layout)
 
 
 def run(main: Callable[[], None], prog: str) -> None:

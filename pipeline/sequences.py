@@ -1,15 +1,22 @@
-"""Stitched digit sequences as a tf.data pipeline.
+"""Digit sequences as a tf.data pipeline, in two layouts.
 
-A sequence of length k (uniform in 1..max_digits) is k MNIST digits of one pool placed left to
-right in 28×28 cells; the remaining cells are blank (zero pixels) with label 10. Batches are
-built whole: integer hashing draws every random number, one gather of 28-pixel rows lays the
-digits straight into the stitched layout, an optional bilinear resize follows. Images stay
-uint8; the model scales them on its device.
+A sequence of length k (uniform in 1..max_digits) is k MNIST digits of one pool, left to right;
+the label positions after the k-th are blank (label 10).
+- `cells`: digit i in the i-th 28×28 cell, as MNIST centred it; the cells after the last digit are
+  blank (zero pixels). One gather of 28-pixel rows lays the digits straight into place.
+- `free`: as people write numbers: each digit its own size, baseline and gap to its neighbour,
+  from overlapping to wide, framed by the framing rule a user's photo is framed by
+  (`pipeline.free`, `pipeline.framing`).
+- `mixed`: each sequence `cells` with probability CELLS_IN_MIXED, else `free` (for training one
+  model that reads both).
+Batches are built whole, inside XLA; an optional bilinear resize follows. Images stay uint8; the
+model scales them on its device.
 
 Determinism: every random number is a hash of (seed, step, example, slot), so batch n is a pure
 function of (seed, n): the same seed gives the same bytes on any machine, and a stream started
 at step n sees exactly what an uninterrupted one sees there. Example j of a global batch does
 not depend on how many shards build the batch nor on how many steps one tf.data call builds.
+A fixed set's sequence j has the same digits in every layout.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow as tf
 
+from pipeline import free
+from pipeline.hashing import below, hash_words, uniform
 from pipeline.mnist import DigitPool
 
 BLANK = 10
@@ -29,8 +38,11 @@ AUGMENT_MAX_SHIFT = 2  # pixels, each way, per digit and axis
 # the pixels, is what limits small batches.
 _SEQUENCES_PER_CALL = 1024
 
+LAYOUTS = ("cells", "free", "mixed")
+CELLS_IN_MIXED = 0.25  # share of cell-layout sequences in the mixed layout
+
 # Salts that keep the independent random streams of one seed apart.
-_SET, _STREAM, _SHIFT, _EPOCH = 1, 2, 3, 4
+_SET, _STREAM, _SHIFT, _EPOCH, _GEOMETRY, _LAYOUT, _FRAME = 1, 2, 3, 4, 5, 6, 7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,14 +51,19 @@ class SequenceConfig:
 
     max_digits: the longest sequence, and the number of label positions.
     image_size: (height, width) to resize to (bilinear); None keeps the native 28 × 28·max_digits.
-    augment: shift every digit independently by up to ±2 px each way (train data only).
+    augment: (train data only) in cells, shift every digit independently by up to ±2 px each way;
+        in the free layout, jitter the frame (scale ± 5 %, position ± 1 px).
+    layout: "cells", "free" or "mixed" (see the module's note).
     """
 
     max_digits: int = 5
     image_size: tuple[int, int] | None = None
     augment: bool = False
+    layout: str = "cells"
 
     def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}: choose one of {', '.join(LAYOUTS)}")
         if isinstance(self.max_digits, bool) or not isinstance(self.max_digits, int) or self.max_digits < 1:
             raise ValueError(f"max digits must be a whole number of at least 1, not {self.max_digits!r}")
         if self.image_size is not None:
@@ -56,10 +73,12 @@ class SequenceConfig:
             object.__setattr__(self, "image_size", size)
 
     @classmethod
-    def delivering(cls, max_digits: int, image_shape: tuple[int, int], augment: bool = False) -> SequenceConfig:
+    def delivering(
+        cls, max_digits: int, image_shape: tuple[int, int], augment: bool = False, layout: str = "cells"
+    ) -> SequenceConfig:
         """The config whose images are (height, width) = image_shape: native when that is native, else resized."""
         native = (TILE, TILE * max_digits)
-        return cls(max_digits, None if tuple(image_shape) == native else tuple(image_shape), augment)
+        return cls(max_digits, None if tuple(image_shape) == native else tuple(image_shape), augment, layout)
 
     @property
     def image_shape(self) -> tuple[int, int]:
@@ -81,32 +100,7 @@ def parse_image_size(text: str) -> tuple[int, int] | None:
     return height, width
 
 
-# --- counter-based random numbers ------------------------------------------------------------
-
-
-def _mix(x: tf.Tensor) -> tf.Tensor:
-    """A 32-bit finalizer with full avalanche (lowbias32): neighbouring inputs, unrelated outputs."""
-    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(16, tf.uint32)))
-    x = x * tf.constant(0x7FEB352D, tf.uint32)
-    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(15, tf.uint32)))
-    x = x * tf.constant(0x846CA68B, tf.uint32)
-    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(16, tf.uint32)))
-
-
-def _hash(*words: tf.Tensor | int) -> tf.Tensor:
-    """Hashes integer words (broadcast together) to uint32."""
-    h = tf.constant(0x9E3779B9, tf.uint32)
-    for word in words:
-        word = tf.cast(word, tf.int64)
-        for half in (word, tf.bitwise.right_shift(word, tf.constant(32, tf.int64))):
-            h = _mix(tf.bitwise.bitwise_xor(h, tf.cast(tf.bitwise.bitwise_and(half, 0xFFFFFFFF), tf.uint32)))
-    return h
-
-
-def _below(bits: tf.Tensor, n: int) -> tf.Tensor:
-    """Maps uniform uint32 to a uniform int32 in [0, n) (multiply-shift: no modulo bias to speak of)."""
-    wide = tf.cast(bits, tf.uint64) * tf.constant(n, tf.uint64)
-    return tf.cast(tf.bitwise.right_shift(wide, tf.constant(32, tf.uint64)), tf.int32)
+# --- resizing ---------------------------------------------------------------------------------
 
 
 def _bilinear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -147,9 +141,12 @@ class _Builder:
         self.seed = seed
         self.pool_size = len(pool)
         tiles = np.concatenate([pool.images, np.zeros((1, TILE, TILE), np.uint8)])  # the last is blank
-        if config.augment:
+        if config.layout != "cells":
+            self.boxes = tf.constant(free.ink_boxes(tiles))
+        elif config.augment:
             # Horizontally shifted copies of every tile, so that a shift is only another row
             # index; vertical shifts index rows directly (out of range → the zero row at the end).
+            # (The free renderer shifts the cells of `mixed` by any amount.)
             s = AUGMENT_MAX_SHIFT
             shifted = np.zeros((2 * s + 1, *tiles.shape), np.uint8)
             for i, dx in enumerate(range(-s, s + 1)):
@@ -162,21 +159,38 @@ class _Builder:
         self.labels = tf.constant(np.concatenate([pool.labels, [BLANK]]).astype(np.int32))
 
     @tf.function(jit_compile=True, autograph=False)
-    def draw(self, keys: tf.Tensor, shift_keys: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor | None]:
-        """keys [b] → pool indices [b, K] (blank = pool size after the length), shifts [b, K, 2] or None."""
-        k = self.config.max_digits
-        draws = _hash(keys[:, None], tf.range(k + 1))
-        length = 1 + _below(draws[:, 0], k)
-        digits = tf.where(tf.range(k) < length[:, None], _below(draws[:, 1:], self.pool_size), self.pool_size)
-        if shift_keys is None:
-            return digits, None
-        s = AUGMENT_MAX_SHIFT
-        return digits, _below(_hash(shift_keys[:, None, None], tf.range(k)[:, None], tf.range(2)), 2 * s + 1) - s
+    def draw(self, keys: tf.Tensor, shift_keys: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+        """keys [b] → the random choices: "digits" [b, K] (pool indices; blank = pool size after the
+        length); for cells with augmentation "shifts" [b, K, 2]; for the free and mixed layouts the
+        digits' "boxes" [b, K, 6] (`free.ink_boxes`) and their "scale", "top", "left" [b, K]."""
+        k, layout = self.config.max_digits, self.config.layout
+        draws = hash_words(keys[:, None], tf.range(k + 1))
+        length = 1 + below(draws[:, 0], k)
+        digits = tf.where(tf.range(k) < length[:, None], below(draws[:, 1:], self.pool_size), self.pool_size)
+        shifts = None
+        if shift_keys is not None:
+            s = AUGMENT_MAX_SHIFT
+            shifts = below(hash_words(shift_keys[:, None, None], tf.range(k)[:, None], tf.range(2)), 2 * s + 1) - s
+        if layout == "cells":
+            return {"digits": digits} if shifts is None else {"digits": digits, "shifts": shifts}
+        boxes = tf.gather(self.boxes, digits)
+        words = hash_words(keys[:, None, None], _GEOMETRY, tf.range(k)[:, None], tf.range(free.UNIFORMS_PER_DIGIT))
+        jitter = None
+        if shift_keys is not None:
+            jitter = uniform(hash_words(shift_keys[:, None], _FRAME, tf.range(free.UNIFORMS_PER_FRAME)))
+        placed = free.geometry(boxes, length, uniform(words), TILE * k, jitter)
+        if layout == "mixed":
+            in_cells = (uniform(hash_words(keys, _LAYOUT)) < CELLS_IN_MIXED)[:, None]
+            cells = free.cell_geometry(boxes, length, shifts, TILE * k)
+            placed = [tf.where(in_cells, c, f) for c, f in zip(cells, placed, strict=True)]
+        scale, top, left = placed
+        return {"digits": digits, "boxes": boxes, "scale": scale, "top": top, "left": left}
 
-    # A separate XLA function from `draw`: fused into one, XLA recomputes the hashes for every row.
+    # Separate XLA functions from `draw` and from each other: fused, XLA recomputes the hashes for
+    # every row, and gathers every element of the column pass's transpose alone.
     @tf.function(jit_compile=True, autograph=False)
-    def stitch(self, digits: tf.Tensor, shifts: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
-        """digits [b, K] → image uint8 [b, 28, 28·K, 1], labels int32 [b, K]."""
+    def stitch(self, digits: tf.Tensor, shifts: tf.Tensor | None = None) -> tf.Tensor:
+        """The cell layout: digits [b, K] → image uint8 [b, 28, 28·K, 1]."""
         row = tf.range(TILE)[None, :, None]
         if shifts is None:
             index = digits[:, None, :] * TILE + row  # [b, 28, K]: row r of every cell
@@ -187,8 +201,29 @@ class _Builder:
             inside = (source_row >= 0) & (source_row < TILE)
             index = tf.where(inside, tile[:, None, :] * TILE + source_row, self.zero_row)
         rows = tf.gather(self.rows, index)  # [b, 28, K, 7] int32
-        image = tf.reshape(tf.bitcast(rows, tf.uint8), [-1, TILE, TILE * self.config.max_digits, 1])
-        return {"image": image, "labels": tf.gather(self.labels, digits)}
+        return tf.reshape(tf.bitcast(rows, tf.uint8), [-1, TILE, TILE * self.config.max_digits, 1])
+
+    @tf.function(jit_compile=True, autograph=False)
+    def resample_rows(self, drawn: dict[str, tf.Tensor]) -> tf.Tensor:
+        digits, boxes, scale, top = drawn["digits"], drawn["boxes"], drawn["scale"], drawn["top"]
+        return free.resample_rows(self.rows, self.zero_row, digits, boxes, scale, top)
+
+    @tf.function(jit_compile=True, autograph=False)
+    def pack_columns(self, resampled: tf.Tensor) -> tf.Tensor:
+        return free.pack_columns(resampled)
+
+    @tf.function(jit_compile=True, autograph=False)
+    def resample_columns(self, columns: tf.Tensor, drawn: dict[str, tf.Tensor]) -> tf.Tensor:
+        width = TILE * self.config.max_digits
+        return free.resample_columns(columns, drawn["boxes"], drawn["scale"], drawn["left"], width)
+
+    def lay_out(self, drawn: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """The choices of `draw` → image uint8 [b, 28, 28·K, 1], labels int32 [b, K]."""
+        if self.config.layout == "cells":
+            image = self.stitch(drawn["digits"], drawn.get("shifts"))
+        else:
+            image = self.resample_columns(self.pack_columns(self.resample_rows(drawn)), drawn)
+        return {"image": image, "labels": tf.gather(self.labels, drawn["digits"])}
 
     @tf.function(jit_compile=True, autograph=False)
     def resize(self, image: tf.Tensor) -> tf.Tensor:
@@ -196,14 +231,14 @@ class _Builder:
 
     def build(self, keys: tf.Tensor, shift_keys: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
         """keys [b] → image uint8 [b, H, W, 1], labels int32 [b, K]."""
-        batch = self.stitch(*self.draw(keys, shift_keys))
+        batch = self.lay_out(self.draw(keys, shift_keys))
         if self.config.image_size is None:
             return batch
         return {**batch, "image": self.resize(batch["image"])}
 
     def set_keys(self, members: tf.Tensor) -> tf.Tensor:
         """Keys of the members of the fixed set of this seed."""
-        return _hash(self.seed, _SET, members)
+        return hash_words(self.seed, _SET, members)
 
 
 def _check_whole(name: str, value: int, least: int) -> None:
@@ -265,7 +300,7 @@ def train_batches(
     def make(first_step: tf.Tensor) -> dict[str, tf.Tensor]:
         steps = first_step + tf.range(steps_per_call, dtype=tf.int64)[:, None]  # [S, 1]
         if num_examples is None:
-            keys = _hash(seed, _STREAM, steps, columns)
+            keys = hash_words(seed, _STREAM, steps, columns)
         else:
             steps_per_epoch = num_examples // batch_size
             epoch, offset = steps // steps_per_epoch, steps % steps_per_epoch
@@ -285,7 +320,7 @@ def train_batches(
                 index=positions, seed=epoch_seeds, max_index=tf.constant(num_examples - 1, tf.int64)
             )
             keys = builder.set_keys(members)
-        shift_keys = _hash(seed, _SHIFT, steps, columns) if config.augment else None
+        shift_keys = hash_words(seed, _SHIFT, steps, columns) if config.augment else None
         flat = builder.build(tf.reshape(keys, [-1]), None if shift_keys is None else tf.reshape(shift_keys, [-1]))
         return {name: tf.reshape(t, [steps_per_call, per_shard, *t.shape[1:]]) for name, t in flat.items()}
 

@@ -18,11 +18,14 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("suffix,size", [(".npz", None), (".h5", "64x64")])
-def test_export_writes_the_eval_set(tmp_path, pools, suffix, size):
+@pytest.mark.parametrize(
+    "suffix,size,layout", [(".npz", None, "cells"), (".h5", "64x64", "cells"), (".npz", None, "free")]
+)
+def test_export_writes_the_eval_set(tmp_path, pools, suffix, size, layout):
     out = tmp_path / f"test{suffix}"
     extra = ["--image-size", size] if size else []
-    result = run("pipeline.export", "--split", "test", "--examples", "300", "--seed", "5", "--out", str(out), *extra)
+    flags = ["--examples", "300", "--seed", "5", "--layout", layout, "--out", str(out), *extra]
+    result = run("pipeline.export", "--split", "test", *flags)
     assert result.returncode == 0, result.stderr
     if suffix == ".h5":
         with h5py.File(out) as f:
@@ -30,7 +33,7 @@ def test_export_writes_the_eval_set(tmp_path, pools, suffix, size):
     else:
         with np.load(out) as f:
             images, labels = f["images"], f["labels"]
-    config = SequenceConfig(image_size=(64, 64) if size else None)
+    config = SequenceConfig(image_size=(64, 64) if size else None, layout=layout)
     expected = list(numpy_batches(eval_batches(pools["test"], config, num_examples=300, batch_size=300, seed=5)))[0]
     assert images.dtype == np.uint8 and labels.dtype == np.int32
     assert images.shape == (300, *config.image_shape) and labels.shape == (300, 5)
@@ -55,6 +58,23 @@ def test_export_refuses_bad_flags(tmp_path, flags, message):
 def test_export_refuses_other_formats(tmp_path):
     result = run("pipeline.export", "--out", str(tmp_path / "x.csv"))
     assert result.returncode == 2 and "must end in .npz or .h5" in result.stderr
+    result = run("pipeline.export", "--preview", str(tmp_path / "x.jpg"))
+    assert result.returncode == 2 and "--preview must name a file ending in .png" in result.stderr
+    result = run("pipeline.export")
+    assert result.returncode == 2 and "say where to write" in result.stderr
+
+
+def test_export_preview_draws_the_sequences(tmp_path, mnist_dir):
+    from PIL import Image
+
+    result = run("pipeline.export", "--split", "train", "--layout", "mixed", "--examples", "8", "--preview",
+                 str(tmp_path / "grid.png"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "grid.png") as image:
+        pixels = np.asarray(image.convert("L"))
+    assert image.format == "PNG" and 300 < image.width < 2000 and 100 < image.height < 2000
+    assert (pixels == 0).mean() > 0.3 and pixels.std() > 40  # black sequences, white ink and paper
+    assert not list(tmp_path.glob("*.npz"))
 
 
 def test_benchmark_prints_json_last(mnist_dir):
@@ -76,6 +96,7 @@ def test_benchmark_prints_json_last(mnist_dir):
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["tfdata_seq_per_s"] > 0 and figures["baseline_loop_seq_per_s"] > 0
+    assert figures["free_seq_per_s"] > 0 and figures["mixed_seq_per_s"] > 0 and len(figures["tfdata_runs"]["free"]) == 2
     assert figures["batch_size"] == 64 and figures["image_shape"] == [28, 140] and figures["threads"] == 1
     assert figures["speedup"] == pytest.approx(
         figures["tfdata_seq_per_s"] / figures["baseline_loop_seq_per_s"], rel=0.01

@@ -7,10 +7,14 @@ import pytest
 import tensorflow as tf
 from conftest import tiles
 
+from pipeline import framing
+from pipeline.hashing import hash_words
 from pipeline.sequences import (
     AUGMENT_MAX_SHIFT,
     BLANK,
+    CELLS_IN_MIXED,
     SequenceConfig,
+    _Builder,
     eval_batches,
     numpy_batches,
     parse_image_size,
@@ -76,10 +80,14 @@ def test_lengths_and_digits_are_roughly_uniform(pools):
     assert np.all(np.abs(np.bincount(digits, minlength=10) / len(digits) - 0.1) < 0.02)
 
 
-@pytest.mark.parametrize("num_examples", [None, 1000])
-def test_same_seed_same_bytes_other_seed_different(pools, num_examples):
+@pytest.mark.parametrize("num_examples,layout", [(None, "cells"), (1000, "cells"), (None, "free"), (1000, "mixed")])
+def test_same_seed_same_bytes_other_seed_different(pools, num_examples, layout):
+    config = SequenceConfig(layout=layout, augment=True)
+
     def stream(seed):
-        return concat(first(train_batches(pools["train"], batch_size=64, seed=seed, num_examples=num_examples), 3))
+        return concat(
+            first(train_batches(pools["train"], config, batch_size=64, seed=seed, num_examples=num_examples), 3)
+        )
 
     a, b, c = stream(7), stream(7), stream(8)
     assert a["image"].tobytes() == b["image"].tobytes() and np.array_equal(a["labels"], b["labels"])
@@ -87,11 +95,12 @@ def test_same_seed_same_bytes_other_seed_different(pools, num_examples):
 
 
 @pytest.mark.parametrize(
-    "num_examples,augment,start",
-    [(None, False, 37), (640, False, 23), (None, True, 5), (640, True, 61)],
-)
-def test_resumed_stream_sees_the_batches_of_a_fresh_one(pools, num_examples, augment, start):
-    config = SequenceConfig(augment=augment)
+    "num_examples,augment,start,layout",
+    [(None, False, 37, "cells"), (640, False, 23, "cells"), (None, True, 5, "cells"), (640, True, 61, "cells"),
+     (None, True, 45, "mixed"), (640, False, 29, "free")],
+)  # fmt: skip
+def test_resumed_stream_sees_the_batches_of_a_fresh_one(pools, num_examples, augment, start, layout):
+    config = SequenceConfig(augment=augment, layout=layout)
 
     def stream(start_step):
         return train_batches(
@@ -104,9 +113,11 @@ def test_resumed_stream_sees_the_batches_of_a_fresh_one(pools, num_examples, aug
         assert a["image"].tobytes() == b["image"].tobytes() and np.array_equal(a["labels"], b["labels"])
 
 
-def test_shards_make_the_same_global_batch(pools):
-    whole = first(train_batches(pools["train"], batch_size=64, seed=2), 2)
-    halves = [first(train_batches(pools["train"], batch_size=64, seed=2, shard=(i, 2)), 2) for i in range(2)]
+@pytest.mark.parametrize("layout", ["cells", "mixed"])
+def test_shards_make_the_same_global_batch(pools, layout):
+    config = SequenceConfig(layout=layout, augment=True)
+    whole = first(train_batches(pools["train"], config, batch_size=64, seed=2), 2)
+    halves = [first(train_batches(pools["train"], config, batch_size=64, seed=2, shard=(i, 2)), 2) for i in range(2)]
     for step in range(2):
         joined = np.concatenate([halves[0][step]["image"], halves[1][step]["image"]])
         assert joined.tobytes() == whole[step]["image"].tobytes()
@@ -153,11 +164,13 @@ def test_eval_data_is_never_augmented(pools):
         eval_batches(pools["test"], SequenceConfig(augment=True), num_examples=10, batch_size=5, seed=0)
 
 
-def test_64x64_is_bilinear_resize_of_the_native_image(pools):
-    native = first(eval_batches(pools["test"], num_examples=64, batch_size=64, seed=1), 1)[0]
-    squashed = first(
-        eval_batches(pools["test"], SequenceConfig(image_size=(64, 64)), num_examples=64, batch_size=64, seed=1), 1
+@pytest.mark.parametrize("layout", ["cells", "free"])
+def test_64x64_is_bilinear_resize_of_the_native_image(pools, layout):
+    native = first(
+        eval_batches(pools["test"], SequenceConfig(layout=layout), num_examples=64, batch_size=64, seed=1), 1
     )[0]
+    config = SequenceConfig(image_size=(64, 64), layout=layout)
+    squashed = first(eval_batches(pools["test"], config, num_examples=64, batch_size=64, seed=1), 1)[0]
     assert squashed["image"].shape == (64, 64, 64, 1) and squashed["image"].dtype == np.uint8
     expected = tf.cast(tf.round(tf.image.resize(native["image"], (64, 64), method="bilinear")), tf.uint8).numpy()
     assert np.abs(squashed["image"].astype(int) - expected).max() <= 1
@@ -177,6 +190,7 @@ def test_max_digits_sets_width_and_positions(pools):
         ({"max_digits": -2}, "max digits must be a whole number of at least 1"),
         ({"image_size": (-64, 64)}, "image size must be two positive whole numbers"),
         ({"image_size": (64,)}, "image size must be two positive whole numbers"),
+        ({"layout": "spiral"}, "unknown layout 'spiral': choose one of cells, free, mixed"),
     ],
 )
 def test_bad_configs_are_refused_clearly(kwargs, message):
@@ -199,3 +213,65 @@ def test_bad_batch_arguments_are_refused_clearly(pools):
         train_batches(pools["train"], batch_size=8, seed=0, num_examples=4)
     with pytest.raises(ValueError, match="equal shards"):
         train_batches(pools["train"], batch_size=9, seed=0, shard=(0, 2))
+
+
+# --- the free layout ---------------------------------------------------------------------------
+
+
+def _eval_set(pool, layout: str, count: int, **config) -> dict[str, np.ndarray]:
+    dataset = eval_batches(pool, SequenceConfig(layout=layout, **config), num_examples=count, batch_size=count, seed=6)
+    return first(dataset, 1)[0]
+
+
+@pytest.mark.parametrize("layout", ["free", "mixed"])
+def test_every_layout_holds_a_sets_digits_the_cells_hold(pools, layout):
+    """Sequence j of a fixed set has the same digits, of the same pool, in every layout."""
+    cells, other = _eval_set(pools["test"], "cells", 300), _eval_set(pools["test"], layout, 300)
+    check_sources(cells["image"], cells["labels"], pools["test"], [pools["train"], pools["validation"]])
+    assert np.array_equal(cells["labels"], other["labels"])
+    different = [a.tobytes() != b.tobytes() for a, b in zip(cells["image"], other["image"], strict=True)]
+    assert np.mean(different) > (0.99 if layout == "free" else 0.6)
+    written = other["image"][np.array(different)]
+    assert not written[:, :, -3:].any()  # the written numbers' ink ends before the frame's margin: none is cut off
+
+
+def test_free_sequences_are_framed_by_the_framing_rule(pools):
+    """Framing a free-layout sequence again, by the rule a user's image is framed with, changes next to nothing."""
+    images = _eval_set(pools["test"], "free", 400)["image"][..., 0]
+    changes, framed = [], []
+    for image in images:
+        top, left, height, width = framing.ink_box(image)
+        framed.append(left in (4, 5) and (height in (19, 20, 21) or width >= 130))
+        changes.append(np.abs(framing.frame(image, 140).astype(int) - image).mean())
+    assert np.mean(framed) > 0.97  # (a small digit scaled up a lot blurs: its ink box shrinks by a pixel or two)
+    assert np.mean(changes) < 0.3 and np.mean(np.array(changes) < 1) > 0.95, sorted(changes)[-10:]
+
+
+def test_free_digits_stand_left_to_right_as_their_positions(pools):
+    builder = _Builder(pools["test"], SequenceConfig(layout="free"), seed=0)
+    drawn = builder.draw(hash_words(3, np.arange(2000)))
+    labels = builder.lay_out(drawn)["labels"].numpy()
+    left, scale = drawn["left"].numpy(), drawn["scale"].numpy()
+    lengths = np.sum(labels != BLANK, axis=1)
+    for row_left, row_scale, length in zip(left, scale, lengths, strict=True):
+        assert np.all(np.diff(row_left[:length]) > 0) and np.all(row_left[length:] > 140)
+        assert 3 <= row_left[0] <= 5 and np.all((row_scale[:length] > 0.4) & (row_scale[:length] < 3))
+
+
+def test_the_free_layout_spans_overlapping_to_wide(pools):
+    """Neighbouring digits' ink: some overlapping, some touching, some apart (in the framed image)."""
+    builder = _Builder(pools["test"], SequenceConfig(layout="free"), seed=0)
+    drawn = builder.draw(hash_words(4, np.arange(4000)))
+    boxes, scale, left = (drawn[name].numpy() for name in ("boxes", "scale", "left"))
+    right = left + boxes[..., 3] * scale
+    gaps = (left[:, 1:] - right[:, :-1])[left[:, 1:] < 140]  # between neighbours that exist
+    narrower = np.minimum((boxes[..., 3] * scale)[:, 1:], (boxes[..., 3] * scale)[:, :-1])[left[:, 1:] < 140]
+    overlap = -gaps / narrower
+    assert 0.15 < np.mean(gaps < 0) < 0.45 and np.mean(overlap > 0.2) > 0.05 and overlap.max() <= 0.41
+    assert np.mean((gaps >= 0) & (gaps < 3)) > 0.1 and np.mean(gaps > 6) > 0.2
+
+
+def test_mixed_lays_out_its_share_in_exact_cells(pools):
+    cells, mixed = _eval_set(pools["test"], "cells", 2000), _eval_set(pools["test"], "mixed", 2000)
+    same = np.array([a.tobytes() == b.tobytes() for a, b in zip(cells["image"], mixed["image"], strict=True)])
+    assert abs(same.mean() - CELLS_IN_MIXED) < 0.03
