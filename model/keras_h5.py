@@ -14,6 +14,7 @@ rebuild the same Flax network without Keras, whatever the presets look like by t
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -141,6 +142,8 @@ def _keras_layers(graph: _Graph, layers, positions: int, variables: dict, prefix
             step("Permute", "cells_first", {"dims": [2, 1, 3, 4]}, (positions, height, columns, channels))
             step("Reshape", "cells", {"target_shape": [positions, height * columns * channels]},
                  (positions, height * columns * channels))  # fmt: skip
+        elif isinstance(layer, nets.Attend):
+            _attend_layers(graph, layer, positions, params, prefix)
         elif isinstance(layer, nets.Dense):
             p = params[layer.name]
             config = {"units": layer.units, "activation": layer.activation or "linear", "use_bias": True}
@@ -179,6 +182,58 @@ def _keras_layers(graph: _Graph, layers, positions: int, variables: dict, prefix
                         )
                     )
     return outputs
+
+
+def _attend_layers(graph: _Graph, layer: nets.Attend, positions: int, params: dict, prefix: str) -> None:
+    """`nets.Attend` in Keras layers: the columns, the localiser's softmax weights [K, W], and each
+    window offset as the weights dotted with the columns shifted by it (ZeroPadding1D, Cropping1D),
+    concatenated."""
+    height, width, channels = graph.shape
+    features = height * channels
+
+    def dense(name: str, units: int, activation: str, shape: tuple) -> None:
+        p = params[f"{layer.name}_{name}"]
+        config = {"units": units, "activation": activation, "use_bias": True}
+        weights = [("kernel", p["kernel"]), ("bias", p["bias"])]
+        graph.tensor = graph.add("Dense", f"{prefix}{layer.name}_{name}", config, shape, weights=weights)
+
+    graph.tensor = graph.add("Permute", f"{prefix}columns_first", {"dims": [2, 1, 3]}, (width, height, channels))
+    graph.tensor = graph.add(
+        "Reshape", f"{prefix}split_columns", {"target_shape": [width, features]}, (width, features)
+    )
+    dense("columns", layer.features, "relu", (width, layer.features))
+    columns, features = graph.tensor, layer.features
+    dense("summary", layer.summary, "relu", (width, layer.summary))
+    flat = (width * layer.summary,)
+    graph.tensor = graph.add("Flatten", f"{prefix}summaries", {"data_format": "channels_last"}, flat)
+    dense("locator", layer.hidden, "relu", (layer.hidden,))
+    dense("where", positions * width, "linear", (positions * width,))
+    graph.tensor = graph.add("Reshape", f"{prefix}scores", {"target_shape": [positions, width]}, (positions, width))
+    weights = graph.add("Softmax", f"{prefix}where_weights", {"axis": -1}, (positions, width))
+    before = layer.window // 2
+    after = layer.window - 1 - before
+    padded = graph.add(
+        "ZeroPadding1D", f"{prefix}padded_columns", {"padding": [before, after]}, (width + layer.window - 1, features),
+        source=columns,
+    )  # fmt: skip
+    windows = []
+    for offset in range(layer.window):
+        shifted = graph.add(
+            "Cropping1D", f"{prefix}columns_{offset}", {"cropping": [offset, layer.window - 1 - offset]},
+            (width, features), source=padded,
+        )  # fmt: skip
+        windows.append(
+            graph.add(
+                "Dot",
+                f"{prefix}window_{offset}",
+                {"axes": [2, 1], "normalize": False},
+                (positions, features),
+                source=[weights, shifted],
+            )  # fmt: skip
+        )
+    graph.tensor = graph.add(
+        "Concatenate", f"{prefix}windows", {"axis": -1}, (positions, layer.window * features), source=windows
+    )
 
 
 def _keras_graph(network: nets.Network, image_shape: tuple[int, int], variables: dict) -> tuple[_Graph, list[str]]:
@@ -249,10 +304,12 @@ def write(
     variables: dict,
     preset: str,
     step: int | None = None,
+    layout: str = "cells",
 ) -> None:
     """Writes model.h5 atomically: a failed write leaves any previous file as it was.
 
     `step`: the training step of the weights, recorded so that a rerun can tell a stale file.
+    `layout`: the layout of the sequences it was trained on, recorded so that it is read that way.
     The file is built in memory and written by `atomic_write`: HDF5 never meets a full disk
     (where it crashes) and a failed write is one OSError.
     """
@@ -274,6 +331,7 @@ def write(
         "members": network.members,
         "image_shape": list(image_shape),
         "layers": nets.layers_to_json(network.layers),
+        "layout": layout,
         "step": step,
     }
     buffer = io.BytesIO()
@@ -306,8 +364,19 @@ def recorded_step(path: str | Path) -> int | None:
     return step if isinstance(step, int) else None
 
 
-def read(path: str | Path) -> tuple[nets.Network, tuple[int, int], dict, str]:
-    """model.h5 → (Flax network, image shape, variables, preset name). Raises ModelFileError."""
+@dataclasses.dataclass(frozen=True)
+class ModelFile:
+    """What a model.h5 holds."""
+
+    network: nets.Network
+    image_shape: tuple[int, int]
+    variables: dict
+    preset: str
+    layout: str  # of the sequences it was trained on ("cells" in a file written before layouts)
+
+
+def read(path: str | Path) -> ModelFile:
+    """model.h5 → the Flax network, its input shape and variables, preset and layout. Raises ModelFileError."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path} does not exist (or is not a file)")
@@ -325,6 +394,7 @@ def read(path: str | Path) -> tuple[nets.Network, tuple[int, int], dict, str]:
             network = nets.Network(layers=layers, positions=int(description["positions"]), members=members)
             image_shape = tuple(int(s) for s in description["image_shape"])
             preset = str(description["preset"])
+            layout = str(description.get("layout", "cells"))
         except (KeyError, TypeError, ValueError) as error:
             raise ModelFileError(f"{path} has an unreadable digitseq description ({error})") from None
         single = nets.Network(layers=layers, positions=network.positions)  # each member's network
@@ -338,9 +408,10 @@ def read(path: str | Path) -> tuple[nets.Network, tuple[int, int], dict, str]:
         prefixes = [""] if members == 1 else [f"member_{m + 1}_" for m in range(members)]
         found = [_read_member(path, file, layers, expected, prefix) for prefix in prefixes]
     if members == 1:
-        return network, image_shape, found[0], preset
+        return ModelFile(network, image_shape, found[0], preset, layout)
     stacked = jax.tree.map(lambda *leaves: np.stack(leaves), *found)
-    return network, image_shape, {name: {"members": tree} for name, tree in stacked.items() if tree}, preset
+    variables = {name: {"members": tree} for name, tree in stacked.items() if tree}
+    return ModelFile(network, image_shape, variables, preset, layout)
 
 
 def _read_member(path: Path, file: h5py.File, layers, expected: dict, prefix: str) -> dict:
@@ -364,5 +435,12 @@ def _read_member(path: Path, file: h5py.File, layers, expected: dict, prefix: st
                     raise ModelFileError(
                         f"{path} does not fit the network it describes ({prefix}{layer_name}/{leaf} has shape {got}, "
                         f"the network needs {want.shape}): its weights are of another preset or input size"
+                    )
+                if not np.isfinite(variables[collection][layer_name][leaf]).all():
+                    renamed = _BATCH_NORM_NAMES if layer_name in batch_norms else {}
+                    name = f"{prefix}{layer_name}/{renamed.get(leaf, leaf)}"
+                    raise ModelFileError(
+                        f"{path} holds NaN or infinite weights (first in {name}): it cannot predict anything; "
+                        "write it again from a good checkpoint (rerun train.py) or use another model"
                     )
     return variables
