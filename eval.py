@@ -36,13 +36,15 @@ from model import networks as nets
 from model.workdir import atomic_write
 from pipeline import export, flags
 from pipeline.mnist import load_pool
-from pipeline.sequences import SequenceConfig, eval_batches, numpy_batches
+from pipeline.sequences import LAYOUTS, SequenceConfig, eval_batches, numpy_batches
 
 PROG = "eval.py"
 BATCH = 1000
 
 
-def test_batches(args: argparse.Namespace, image_shape: tuple[int, int], positions: int) -> tuple[Iterator, int]:
+def test_batches(
+    args: argparse.Namespace, image_shape: tuple[int, int], positions: int, layout: str
+) -> tuple[Iterator, int]:
     if args.data:
         images, labels = export.read(args.data)
         if images.shape[1:] != image_shape or labels.shape[1] != positions:
@@ -55,7 +57,7 @@ def test_batches(args: argparse.Namespace, image_shape: tuple[int, int], positio
             for i in range(0, len(images), BATCH)
         )
         return batches, len(images)
-    config = SequenceConfig.delivering(positions, image_shape)
+    config = SequenceConfig.delivering(positions, image_shape, layout=layout)
     pool = load_pool("test", args.data_dir, args.mnist_dir)
     data = eval_batches(pool, config, num_examples=args.examples, batch_size=BATCH, seed=args.seed)
     return numpy_batches(data), args.examples
@@ -94,6 +96,11 @@ def main() -> None:
         "--examples", type=flags.positive_int, default=10_000, help="test sequences to build (default: 10000)"
     )
     parser.add_argument("--seed", type=int, default=0, help="fixes the test set (default: 0)")
+    parser.add_argument(
+        "--layout", choices=LAYOUTS,
+        help=f"the test sequences' layout: {flags.LAYOUT_HELP} (default: the one the model reads: cells for a "
+        "model trained on cells, else free)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument(
         "--plots", type=Path, metavar="DIR",
@@ -105,7 +112,8 @@ def main() -> None:
 
     model = trained.from_weights(args.weights) if args.weights else trained.from_workdir(args.workdir, args.checkpoint)
     network, image_shape = model.network, model.image_shape
-    batches, total = test_batches(args, image_shape, network.positions)
+    layout = None if args.data else args.layout or model.reads
+    batches, total = test_batches(args, image_shape, network.positions, layout)
     variables = jax.device_put(model.variables)
     first = next(iter(batches))
     metrics.evaluate(network, variables, [first], BATCH)  # compiles; not timed
@@ -116,7 +124,10 @@ def main() -> None:
     progress.close()
     figures["examples_per_s"] = figures["num_examples"] / seconds
     figures["model"] = model.description
-    print(f"{model.description} on {'the MNIST-test sequences' if not args.data else args.data}")
+    figures["layout"] = layout  # of the test sequences (None: a --data file's, whatever it is)
+    built = f"{args.examples} sequences of MNIST test digits, seed {args.seed}"
+    figures["data"] = str(args.data) if args.data else built
+    print(f"{model.description} on {args.data or f'{layout}-layout sequences of MNIST test digits'}")
     print(report_table(figures))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

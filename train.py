@@ -47,6 +47,9 @@ from pipeline.sequences import SequenceConfig, eval_batches, numpy_batches, nump
 
 PROG = "train.py"
 EVAL_BATCH = 1000
+# What a workdir's config.json means by a key it lacks: it was written before ensembles (one network)
+# and layouts (cells) existed.
+RECORDED_BEFORE = {"ensemble": 1, "layout": "cells"}
 
 
 def _rerun(reason: str) -> str:
@@ -62,11 +65,13 @@ class TrainingStopped(Exception):
 
 
 class Interrupts:
-    """Ctrl-C / SIGTERM set a flag the loop checks after each step (a second Ctrl-C aborts)."""
+    """Ctrl-C, SIGTERM and SIGHUP (the terminal closed) set a flag the loop checks after each step
+    (a second Ctrl-C aborts)."""
 
     def __init__(self):
         self.signal: int | None = None
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        self.previous = {s: signal.signal(s, self.handle) for s in signals}
 
     def handle(self, signum, frame):
         if self.signal is not None and signum == signal.SIGINT:
@@ -99,7 +104,7 @@ class Run:
         self.eval_batch = math.ceil(EVAL_BATCH / devices) * devices
         self.main = distributed.is_main()
 
-        self.sequences = SequenceConfig.delivering(config.max_digits, self.image_shape, config.augment)
+        self.sequences = SequenceConfig.delivering(config.max_digits, self.image_shape, config.augment, config.layout)
         self.val_sequences = dataclasses.replace(self.sequences, augment=False)  # validation is never augmented
         self._prepare_workdir(resume)
         self.train_pool = load_pool("train", data_dir, mnist_dir)
@@ -124,7 +129,7 @@ class Run:
             workdir.remove_partials()
         has_run = workdir.has_checkpoint()
         if has_run and resume and workdir.holds_a_run():
-            saved = {"ensemble": 1} | workdir.read_config()  # a run recorded before ensembles: one network
+            saved = RECORDED_BEFORE | workdir.read_config()
             self.network = self._recorded_network(saved)
             ours = self._config_json()
             keys = RESUME_KEYS + (("epochs",) if ours["schedule"] != "constant" else ())  # epochs shape the schedule
@@ -135,6 +140,8 @@ class Run:
                     f"{workdir} holds a run trained with {was}; to continue it pass the same values, "
                     "or start over with --no-resume (discards it), or pick another --workdir"
                 )
+            if self.network.layers != self.preset.layers:  # said once the run is sure to continue
+                self.note(f"{workdir} continues with the network it recorded, not today's {self.preset.name} preset")
         if resume and not has_run and workdir.model.is_file():
             raise ValueError(
                 f"{workdir} holds a model.h5 but no checkpoint to continue from; to train again from the start "
@@ -152,10 +159,7 @@ class Run:
         if "layers" not in saved:  # recorded before networks were: its checkpoint must fit today's preset
             found = Checkpoints(self.workdir.checkpoints).restore_good(note=self.note)
             variables = found[1] if found else nets.init_variables(self.network, self.image_shape, 0)
-        network = trained.recorded_network(self.workdir, saved, variables)
-        if network.layers != self.preset.layers:
-            self.note(f"{self.workdir} continues with the network it recorded, not today's {self.preset.name} preset")
-        return network
+        return trained.recorded_network(self.workdir, saved, variables)
 
     def _config_json(self) -> dict:
         out = dataclasses.asdict(self.config)
@@ -276,7 +280,10 @@ class Run:
         if self.main:
             variables, step = self.host_variables(), int(self.state.step)
             with self.writing(self.workdir.model):
-                keras_h5.write(self.workdir.model, self.network, self.image_shape, variables, self.preset.name, step)
+                keras_h5.write(
+                    self.workdir.model, self.network, self.image_shape, variables, self.preset.name, step,
+                    layout=self.config.layout,
+                )  # fmt: skip
 
     def log_epoch(
         self, epoch: float, seconds: float, steps: int, steps_per_second: float | None, train: dict, val: dict
@@ -540,8 +547,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"train towards (1-EPS)*one-hot + EPS/11 {recipe('label_smoothing')}",
     )  # fmt: skip
     parser.add_argument(
-        "--augment", action=argparse.BooleanOptionalAction, help=f"shift each digit by up to ±2 px {recipe('augment')}"
-    )
+        "--augment", action=argparse.BooleanOptionalAction,
+        help=f"cells: shift each digit by up to ±2 px; free: jitter the frame (±5 %% scale, ±1 px) {recipe('augment')}",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, help=f"seeds data, initial weights, dropout {recipe('seed')}")
     parser.add_argument("--workdir", type=Path, help="where the run lives (default: runs/<preset>)")
     parser.add_argument(
@@ -569,11 +577,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--checkpoint-every", type=flags.positive_int,
         help="steps between periodic checkpoints (default: one every "
-        f"{CHECKPOINT_MINUTES:g} min of wall time); also saved at every epoch end and on Ctrl-C/SIGTERM",
+        f"{CHECKPOINT_MINUTES:g} min of wall time); also saved at every epoch end and on Ctrl-C, SIGTERM or SIGHUP",
     )  # fmt: skip
     flags.add_data_flags(parser)
-    flags.add_sequence_flags(parser)
-    parser.set_defaults(max_digits=None)  # the recipe's
+    flags.add_sequence_flags(parser, layout_default=recipe("layout"))
+    parser.set_defaults(max_digits=None, layout=None)  # the recipe's
     group = parser.add_argument_group(
         "many processes (jax.distributed)",
         "Start one train.py per host (or per device group), each with the same flags and its own "
@@ -598,16 +606,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def chosen_preset(args: argparse.Namespace, backend: str) -> tuple[str, dict[str, int], str]:
+def chosen_preset(args: argparse.Namespace, backend: str) -> tuple[str, dict, str]:
     """The preset when --preset is left out, recipe values that come with it (flags given still win),
-    and why: the run a given --workdir records, else the accurate ensemble on an accelerator, else the
-    default."""
+    and why: the run a given --workdir records (its ensemble and layout too), else the accurate ensemble
+    on an accelerator, else the default."""
     if args.workdir is not None and args.resume:
         workdir = Workdir(args.workdir)
         if workdir.holds_a_run():
-            saved = workdir.read_config()
+            saved = RECORDED_BEFORE | workdir.read_config()
             if saved.get("preset") in RECIPES:
-                return saved["preset"], {"ensemble": saved.get("ensemble", 1)}, f"the preset {args.workdir} records"
+                recorded = {key: saved[key] for key in RECORDED_BEFORE}
+                return saved["preset"], recorded, f"the preset {args.workdir} records"
     if backend != "cpu":
         why = f"on {backend}: the accurate preset (--preset default for the CPU recipe)"
         return "accurate", {"ensemble": ACCELERATOR_ENSEMBLE}, why

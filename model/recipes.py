@@ -22,7 +22,8 @@ class Recipe:
     learning_rate: float  # Adam's (the peak, with cosine)
     schedule: str  # "constant", or "cosine": warm-up over the first 5 % of the planned steps, then cosine to 0
     label_smoothing: float
-    augment: bool  # shift each digit by up to ±2 px
+    augment: bool  # cells: shift each digit by up to ±2 px; free: jitter the frame (pipeline.sequences)
+    layout: str  # "cells", "free" or "mixed" (pipeline.sequences.LAYOUTS): how the training sequences look
     max_digits: int
     image_size: tuple[int, int] | None  # None: the preset's
     seed: int
@@ -60,18 +61,18 @@ RECIPES: dict[str, Recipe] = {
     # The 2017 notebook's: 12 epochs of a fixed 60,000 sequences, Adam 1e-3.
     "seed": Recipe(
         preset="seed", epochs=12, batch_size=128, train_examples=60_000, learning_rate=1e-3, schedule="constant",
-        label_smoothing=0.0, augment=False, **_RUN,
+        label_smoothing=0.0, augment=False, layout="cells", **_RUN,
     ),
     "default": Recipe(
         preset="default", epochs=8, batch_size=128, train_examples=None, learning_rate=3e-3, schedule="cosine",
-        label_smoothing=0.1, augment=True,
+        label_smoothing=0.1, augment=True, layout="mixed",
         **_RUN | {"val_examples": 5_000},  # enough to follow a run: validating is time not spent training
     ),
     # The default's recipe on a network ~8x its size: for accelerators (hours on a CPU). Batch 128 keeps
     # a GPU busy with an ensemble; batch 256 (lr 4e-3) and 20 epochs scored no better (docs/results.md).
     "accurate": Recipe(
         preset="accurate", epochs=12, batch_size=128, train_examples=None, learning_rate=3e-3, schedule="cosine",
-        label_smoothing=0.1, augment=True, **_RUN,
+        label_smoothing=0.1, augment=True, layout="mixed", **_RUN,
     ),
 }  # fmt: skip
 
@@ -87,5 +88,5 @@ ACCELERATOR_ENSEMBLE = 5
 # A workdir's run continues only under the same values of these (and of `epochs` under a cosine schedule).
 RESUME_KEYS = (
     "preset", "max_digits", "image_size", "batch_size", "train_examples", "learning_rate", "schedule",
-    "label_smoothing", "augment", "seed", "ensemble",
+    "label_smoothing", "augment", "layout", "seed", "ensemble",
 )  # fmt: skip

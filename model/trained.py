@@ -21,26 +21,43 @@ class Trained:
     variables: dict
     description: str  # what was loaded, for reports
     workdir: Workdir | None  # the training run it came from, when known (its metrics.jsonl)
+    layout: str  # of the sequences it was trained on: "cells", "free" or "mixed"
+
+    @property
+    def reads(self) -> str:
+        """The layout of the images it is made for: "cells" for a cell-layout model, else "free"
+        (a mixed model reads both; written numbers are what it is for)."""
+        return "cells" if self.layout == "cells" else "free"
 
 
 def _note(line: str) -> None:
     print(f"note: {line}", file=sys.stderr, flush=True)
 
 
-def recorded_network(workdir: Workdir, config: dict, variables: dict) -> nets.Network:
+def recorded_network(workdir: Workdir, config: dict, variables: dict | None) -> nets.Network:
     """The network `workdir`'s config.json records, whatever its preset holds today. A workdir written
-    before networks were recorded gets today's preset, but only if `variables` (its checkpoint's) fit it."""
-    if "layers" in config:
+    before networks were recorded gets today's preset, but only if `variables` (its checkpoint's) fit it;
+    recorded or not, the network must fit `variables` when they are given."""
+    recorded = "layers" in config
+    if recorded:
         try:
             layers = nets.layers_from_json(config["layers"])
-            return nets.Network(layers=layers, positions=config["max_digits"], members=config.get("ensemble", 1))
+            network = nets.Network(layers=layers, positions=config["max_digits"], members=config.get("ensemble", 1))
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{workdir.config_file} is damaged (its network cannot be read)") from None
-    network = nets.build(nets.get_preset(config["preset"]), config["max_digits"])
+    else:
+        network = nets.build(nets.get_preset(config["preset"]), config["max_digits"])
+    if variables is None:
+        return network
     image_shape = tuple(config["image_size"])
-    expected = nets.variable_shapes(jax.eval_shape(lambda: nets.init_variables(network, image_shape, 0)))
+    expected = jax.eval_shape(lambda: nets.init_variables(network, image_shape, 0))
     saved = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    if nets.variable_shapes(saved) != expected:
+    if nets.variable_shapes(saved) != nets.variable_shapes({"batch_stats": {}, **expected}):
+        if recorded:
+            raise ValueError(
+                f"{workdir}'s checkpoint does not fit the network its {workdir.config_file.name} records "
+                "(the file was altered); use its model.h5, or train it again with --no-resume"
+            )
         raise ValueError(
             f"{workdir} does not record its network and its checkpoint does not fit today's {config['preset']} "
             "preset; use its model.h5 (which records its network), or train it again with --no-resume"
@@ -72,12 +89,17 @@ def from_workdir(path: Path, checkpoint: str = "latest") -> Trained:
     step, state = found
     variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
     network = recorded_network(workdir, config, variables)
-    description = f"{path} step {step} ({config['preset']})"
-    return Trained(network, tuple(config["image_size"]), variables, description, workdir)
+    layout = config.get("layout", "cells")  # a run recorded before layouts: cells
+    description = f"{path} step {step} ({config['preset']}, {layout} layout)"
+    return Trained(network, tuple(config["image_size"]), variables, description, workdir, layout)
 
 
 def from_weights(path: Path) -> Trained:
     """A model.h5 written by train.py: the network is rebuilt from the file."""
-    network, image_shape, variables, preset = keras_h5.read(path)
+    model = keras_h5.read(path)
     workdir = Workdir(path.parent)
-    return Trained(network, image_shape, variables, f"{path} ({preset})", workdir if workdir.holds_a_run() else None)
+    description = f"{path} ({model.preset}, {model.layout} layout)"
+    return Trained(
+        model.network, model.image_shape, model.variables, description, workdir if workdir.holds_a_run() else None,
+        model.layout,
+    )  # fmt: skip
