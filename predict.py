@@ -1,9 +1,11 @@
 """Reads the digits in image files: `python predict.py IMAGE... [--weights model.h5] [--probs]`.
 
-Prints one line per image, `path: digits` (blanks dropped). Each file is converted to the
-model's input by the rule in pipeline/images.py (grayscale; dark-on-light inverted; cropped to
-the ink with MNIST's margin, scaled to 28 px high, placed left on a 28 × 28·K canvas). A file that
-cannot be read gets one line on stderr; the others are still read; the exit status is then 1.
+Prints one line per image, `path: digits` (blanks dropped). Each file becomes the model's input
+by the rule in pipeline/images.py: a model of written numbers (trained on the free or mixed
+layout) reads the image framed as its training sequences were; a model of the cell layout reads
+it cut into cells at the columns without ink. The images go through the network in batches
+(`digitseq.Reader`, the library this command runs). A file that cannot be read gets one line on
+stderr; the others are still read; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -21,19 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from model import networks as nets
+from digitseq import ImageFileError, Reader
 from model import trained
 from model.metrics import BLANK
 from pipeline import flags
-from pipeline.images import ImageFileError, model_input
 
 PROG = "predict.py"
 DEFAULT_WEIGHTS = Path("runs/default/model.h5")  # what `python train.py` writes
-
-
-def digits(probabilities: np.ndarray) -> str:
-    """[K, 11] → the predicted digits, blanks dropped."""
-    return "".join(str(c) for c in probabilities.argmax(-1) if c != BLANK)
 
 
 def probability_table(probabilities: np.ndarray) -> str:
@@ -55,25 +51,24 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.workdir:
-        model = trained.from_workdir(args.workdir, args.checkpoint)
+        reader = Reader(trained.from_workdir(args.workdir, args.checkpoint))
     else:
         weights = args.weights or DEFAULT_WEIGHTS
         if args.weights is None and not weights.exists():
             raise ValueError(f"no model at {weights}: train one (python train.py) or pass --weights FILE")
-        model = trained.from_weights(weights)
-    failures = 0
+        reader = Reader(trained.from_weights(weights))
+    paths, inputs = [], []
     for path in args.images:
         try:
-            image = model_input(path, model.image_shape, model.network.positions)
+            inputs.append(reader.prepare(path))
+            paths.append(path)
         except ImageFileError as error:
             print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
-            failures += 1
-            continue
-        probabilities = nets.probabilities(model.network, model.variables, image[None, :, :, None])[0]
-        print(f"{path}: {digits(probabilities) or '(no digits)'}", flush=True)
+    for path, reading in zip(paths, reader.read_prepared(inputs), strict=True):
+        print(f"{path}: {reading.digits or '(no digits)'}", flush=True)
         if args.probs:
-            print(probability_table(probabilities), flush=True)
-    if failures:
+            print(probability_table(reading.probabilities), flush=True)
+    if len(paths) < len(args.images):
         sys.exit(1)
 
 

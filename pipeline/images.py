@@ -1,18 +1,23 @@
-"""A user's image file → the layout the sequences have: white digits on black, left-aligned.
+"""A user's image (a file, or an array) → the layout the model reads.
 
-The rule (README, "predict.py"):
-1. Read with Pillow, EXIF rotation applied, to grayscale; transparent areas count as white.
+The rule (docs/commands.md, "predict.py"):
+1. A file is read with Pillow, EXIF rotation applied, to grayscale; transparent areas count as
+   white. An array is taken as grayscale (RGB averaged; floats in [0, 1] scaled to 0–255).
 2. If the border is lighter than mid-grey the image is dark ink on light paper: it is inverted,
    so digits are white on black as in MNIST.
-3. An image of exactly the model's input size, or of the native 28 × 28·K, is taken as it is (an
-   image `pipeline.export` wrote reads back unchanged). Any other is stretched to full contrast
-   and split into digits at the columns without ink; digit i goes into cell i of a black
-   28 × 28·K canvas the way MNIST made its digits (fitted into 20×20, aspect kept, centre of
-   mass at the cell's centre), the cells after the last digit stay blank. If there are more
-   pieces than cells (touching digits are one piece; broken strokes, specks are several), the
-   ink is instead scaled as a whole to 28 px high (with MNIST's margin) — or to 28·K wide if
-   it would be wider — and placed at the left.
-4. The canvas is resized to the model's input when that differs (the seed preset's 64×64), with
+3. For a model that reads written numbers (trained on the free or mixed layout) the image is
+   framed by `pipeline.framing`: stretched to full contrast, its ink box scaled to 20 px high (or
+   to the canvas's width) and placed 4 px from the left of a black 28 × 28·K canvas — the rule the
+   free layout frames its sequences by. Nothing is cut into pieces.
+4. For a model of the cell layout, an image of exactly the model's input size, or of the native
+   28 × 28·K, is taken as it is (an image `pipeline.export` wrote reads back unchanged). Any other
+   is stretched to full contrast and split into digits at the columns without ink; digit i goes
+   into cell i of a black 28 × 28·K canvas the way MNIST made its digits (fitted into 20×20,
+   aspect kept, centre of mass at the cell's centre), the cells after the last digit stay blank.
+   If there are more pieces than cells (touching digits are one piece; broken strokes, specks are
+   several), the ink is instead scaled as a whole to 28 px high (with MNIST's margin) — or to
+   28·K wide if it would be wider — and placed at the left.
+5. The canvas is resized to the model's input when that differs (the seed preset's 64×64), with
    the pipeline's own bilinear resize.
 """
 
@@ -25,11 +30,10 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline import framing
 from pipeline.sequences import TILE, resize
 
 MAX_PIXELS = 40_000_000  # refused before decoding: a 20000×20000 header must not allocate 400 MB
-_BOX = 20  # MNIST: each digit fitted into 20×20, centred by mass in its 28×28 cell
-_INK = 64  # after stretching to 0–255: darker than this is background when cropping
 
 
 class ImageFileError(ValueError):
@@ -47,7 +51,9 @@ def read_gray(path: str | Path) -> np.ndarray:
         raise ImageFileError(f"{path} is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Pillow's warnings (a large image, a corrupt EXIF block) are not the user's business: the
+            # size is checked below, and the pixels are what count.
+            warnings.simplefilter("ignore")
             with Image.open(path) as image:
                 width, height = image.size  # from the header: nothing decoded yet
                 if width * height > MAX_PIXELS:
@@ -75,19 +81,39 @@ def read_gray(path: str | Path) -> np.ndarray:
         if isinstance(error, ImageFileError):
             raise
         raise ImageFileError(f"{path} is damaged or truncated ({error})") from None
+    return _white_on_black(gray)
+
+
+def gray_array(array: np.ndarray) -> np.ndarray:
+    """An image array — uint8 0–255 or float 0–1, [h, w], [h, w, 1] or [h, w, 3|4] — as uint8 [h, w],
+    grayscale, white digits on black (steps 1–2)."""
+    pixels = np.asarray(array)
+    if pixels.ndim == 3 and pixels.shape[-1] in (1, 3, 4):
+        pixels = pixels[..., :3].mean(axis=-1) if pixels.shape[-1] >= 3 else pixels[..., 0]
+    if pixels.ndim != 2 or min(pixels.shape) < 1:
+        raise ImageFileError(f"an image array must be [height, width] or [height, width, channels], not {array.shape}")
+    if np.issubdtype(pixels.dtype, np.floating):
+        if not np.isfinite(pixels).all():
+            raise ImageFileError("an image array holds NaN or infinite values")
+        scale = 255.0 if pixels.max() <= 1.0 else 1.0
+        pixels = pixels * scale
+    elif not np.issubdtype(pixels.dtype, np.integer) and pixels.dtype != bool:
+        raise ImageFileError(f"an image array must hold numbers, not {pixels.dtype}")
+    return _white_on_black(np.clip(np.round(pixels.astype(np.float64)), 0, 255).astype(np.uint8))
+
+
+def _white_on_black(gray: np.ndarray) -> np.ndarray:
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     return 255 - gray if np.median(border) > 127 else gray
 
 
 def native_layout(gray: np.ndarray, max_digits: int) -> np.ndarray:
-    """White-on-black uint8 [h, w] of any size → [28, 28·max_digits], laid out as sequences are (step 3)."""
+    """White-on-black uint8 [h, w] of any size → [28, 28·max_digits] in the cell layout (step 4)."""
     canvas = np.zeros((TILE, TILE * max_digits), np.uint8)
-    pixels = gray.astype(np.float32)
-    background = float(np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])))
-    if pixels.max() - background < 16:  # no ink to speak of: an empty sequence
+    pixels = framing.stretch(gray)
+    if not pixels.any():  # no ink to speak of: an empty sequence
         return canvas
-    pixels = np.clip((pixels - background) * (255.0 / (pixels.max() - background)), 0, 255)
-    ink_columns = np.flatnonzero((pixels > _INK).any(axis=0))
+    ink_columns = np.flatnonzero((pixels > framing.INK_LEVEL).any(axis=0))
     # Digits are runs of ink columns with empty columns between them.
     runs = np.split(ink_columns, np.flatnonzero(np.diff(ink_columns) > 1) + 1)
     if len(runs) <= max_digits:
@@ -95,7 +121,7 @@ def native_layout(gray: np.ndarray, max_digits: int) -> np.ndarray:
             canvas[:, cell * TILE : (cell + 1) * TILE] = _mnist_cell(pixels[:, run[0] : run[-1] + 1])
         return canvas
     # More pieces than cells (broken strokes, noise): the whole ink, scaled as one.
-    rows = np.flatnonzero((pixels > _INK).any(axis=1))
+    rows = np.flatnonzero((pixels > framing.INK_LEVEL).any(axis=1))
     box = np.pad(pixels[rows[0] : rows[-1] + 1, ink_columns[0] : ink_columns[-1] + 1], round(4 / 20 * len(rows)))
     scale = min(TILE / box.shape[0], TILE * max_digits / box.shape[1])
     scaled = _fit(box, scale)
@@ -112,9 +138,9 @@ def _fit(pixels: np.ndarray, scale: float) -> np.ndarray:
 def _mnist_cell(column: np.ndarray) -> np.ndarray:
     """One digit's columns → a 28×28 cell the way MNIST made its digits: the ink fitted into a
     20×20 box (aspect kept), placed so its centre of mass is the cell's centre."""
-    rows = np.flatnonzero((column > _INK).any(axis=1))
+    rows = np.flatnonzero((column > framing.INK_LEVEL).any(axis=1))
     ink = column[rows[0] : rows[-1] + 1]
-    digit = _fit(ink, _BOX / max(ink.shape)).astype(np.float32)
+    digit = _fit(ink, framing.INK_HEIGHT / max(ink.shape)).astype(np.float32)
     digit = digit * (255.0 / max(digit.max(), 1.0))
     height, width = digit.shape
     mass = digit.sum()
@@ -127,12 +153,19 @@ def _mnist_cell(column: np.ndarray) -> np.ndarray:
     return cell
 
 
-def model_input(path: str | Path, image_shape: tuple[int, int], max_digits: int) -> np.ndarray:
-    """The image file as the model reads it: uint8 [height, width] (steps 1–4)."""
-    gray = read_gray(path)
-    if gray.shape == tuple(image_shape):
+def model_input(
+    image: str | Path | np.ndarray, image_shape: tuple[int, int], max_digits: int, layout: str = "cells"
+) -> np.ndarray:
+    """An image file (a path) or array as a model of `layout` ("cells" or "free") reads it: uint8
+    [height, width] (steps 1–5)."""
+    gray = gray_array(image) if isinstance(image, np.ndarray) else read_gray(image)
+    native_shape = (TILE, TILE * max_digits)
+    if layout == "free":
+        native = framing.frame(gray, TILE * max_digits)
+    elif gray.shape == tuple(image_shape):
         return gray
-    native = gray if gray.shape == (TILE, TILE * max_digits) else native_layout(gray, max_digits)
+    else:
+        native = gray if gray.shape == native_shape else native_layout(gray, max_digits)
     if native.shape == tuple(image_shape):
         return native
     return resize(tf.constant(native[None, :, :, None]), image_shape).numpy()[0, :, :, 0]
