@@ -63,8 +63,9 @@ RECIPES: dict[str, Recipe] = {
         preset="seed", epochs=12, batch_size=128, train_examples=60_000, learning_rate=1e-3, schedule="constant",
         label_smoothing=0.0, augment=False, layout="cells", **_RUN,
     ),
+    # Batch 64 reads more in its 8 epochs than 128 (at lr 3e-3) and costs no more per sequence on a CPU.
     "default": Recipe(
-        preset="default", epochs=8, batch_size=128, train_examples=None, learning_rate=3e-3, schedule="cosine",
+        preset="default", epochs=8, batch_size=64, train_examples=None, learning_rate=2e-3, schedule="cosine",
         label_smoothing=0.1, augment=True, layout="mixed",
         **_RUN | {"val_examples": 5_000},  # enough to follow a run: validating is time not spent training
     ),
