@@ -20,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -61,7 +62,8 @@ class Checkpoints:
                 ]
             ),
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # Orbax lists the steps as it opens the folder: a trainer's clean-up can remove one meanwhile.
+        self.manager = _listing(lambda: ocp.CheckpointManager(self.directory, options=options))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -108,8 +110,7 @@ class Checkpoints:
         """
         tried: set[int] = set()
         while True:
-            self.manager.reload()
-            steps = sorted(set(self.all_steps()) - tried, reverse=True)
+            steps = sorted(set(_listing(self._reloaded_steps)) - tried, reverse=True)
             if prefer is not None and prefer in steps:
                 steps.insert(0, steps.pop(steps.index(prefer)))
             if not steps:
@@ -133,6 +134,10 @@ class Checkpoints:
                 continue
             return step, state
 
+    def _reloaded_steps(self) -> list[int]:
+        self.manager.reload()
+        return self.all_steps()
+
     def _set_aside(self, step: int, why: str, note: Callable[[str], None]) -> None:
         where = self.directory / str(step)
         if self.writer and jax.process_index() == 0:
@@ -145,6 +150,24 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _listing(list_steps: Callable[[], Any], attempts: int = 20) -> Any:
+    """`list_steps()`, again while a checkpoint vanishes under it (the trainer removing an old one as
+    orbax reads the folder: FileNotFoundError), and without orbax's warnings about the vanished one."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # "Metadata file does not exist: …/_CHECKPOINT_METADATA" of a removed step
+    try:
+        for attempt in range(attempts):
+            try:
+                return list_steps()
+            except FileNotFoundError:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+    finally:
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -14,6 +16,11 @@ from pipeline.sequences import LAYOUTS, SequenceConfig, parse_image_size
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, with a mistake said in one line: what is wrong, and where the usage is."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # '-inf' and '-nan' are a value to check (and refuse in words), not an unknown flag.
+        self._negative_number_matcher = re.compile(r"^-(\d+|\d*\.\d+|inf(inity)?|nan)$", re.IGNORECASE)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -51,13 +58,14 @@ def whole_number(text: str) -> int:
 
 
 def positive_minutes(text: str) -> float:
-    """argparse type: a positive number of minutes."""
+    """argparse type: a positive, finite number of minutes."""
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of minutes, not {text!r}")
+    if not 0 < value < math.inf:
+        hint = " (leave it out for no budget)" if value > 0 else ""
+        raise argparse.ArgumentTypeError(f"must be a positive number of minutes, not {text!r}{hint}")
     return value
 
 
