@@ -10,7 +10,7 @@ left is label position k, as in the cell layout.
 
 Drawing a batch's geometry is a few numbers per digit (`geometry`); the pixels take two passes
 of gathers: each digit's rows resampled to the canvas's 28 rows (`resample_rows`), then each
-canvas column taken from the (at most two) digits whose ink can reach it (`resample_columns`):
+canvas column taken from the (at most two) digits whose pixels reach it (`resample_columns`):
 left edges increase with the position, neighbours overlap by less than half of either, and a
 digit's pixels keep SEPARATION from those of the digit two before it, so no column sees three.
 """
@@ -112,7 +112,7 @@ def resample_rows(
     [b, K, 28 canvas rows, 28 tile columns].
 
     rows: the pool's 28-pixel rows packed as seven int32 each, row r of tile t at t·28 + r, and an
-    all-zero row at `zero_row`; tiles [b, K]: each digit's tile; boxes [b, K, 4], scale and top
+    all-zero row at `zero_row`; tiles [b, K]: each digit's tile; boxes [b, K, 6], scale and top
     [b, K] as `geometry` gives them.
     """
     positions = tiles.shape[1]

@@ -1,4 +1,4 @@
-"""Digit sequences as a tf.data pipeline, in two layouts.
+"""Digit sequences as a tf.data pipeline: stitched into cells, or free as people write numbers.
 
 A sequence of length k (uniform in 1..max_digits) is k MNIST digits of one pool, left to right;
 the label positions after the k-th are blank (label 10).

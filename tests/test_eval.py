@@ -20,12 +20,14 @@ PLOTS = ("examples", "per_position", "confusion", "training_curves", "filters", 
 
 @pytest.fixture(scope="module")
 def reports(trained_workdir, tmp_path_factory):
-    """eval.py's JSON on 2000 built test sequences, from the checkpoint (with plots) and from model.h5."""
+    """eval.py's JSON on 2000 built test sequences, from the checkpoint (with plots) and from model.h5 (of
+    the layout the model reads, free), and on the cell layout."""
     out = {}
     folder = tmp_path_factory.mktemp("reports")
     sources = {
         "workdir": ["--workdir", str(trained_workdir), "--plots", str(folder / "plots")],
         "weights": ["--weights", str(trained_workdir / "model.h5")],
+        "cells": ["--weights", str(trained_workdir / "model.h5"), "--layout", "cells"],
     }
     for name, source in sources.items():
         path = folder / f"{name}.json"
@@ -58,22 +60,28 @@ def test_a_workdir_is_read_at_its_latest_checkpoint_unless_best_is_asked_for(tra
     result = command("eval.py", "--workdir", str(workdir), "--examples", "100")
     assert result.returncode == 0, result.stderr
     assert f"step {best + 1} " in result.stdout.splitlines()[0]
-    assert trained.from_workdir(workdir, "latest").description == f"{workdir} step {best + 1} (default)"
-    assert trained.from_workdir(workdir, "best").description == f"{workdir} step {best} (default)"
+    assert trained.from_workdir(workdir, "latest").description == f"{workdir} step {best + 1} (default, mixed layout)"
+    assert trained.from_workdir(workdir, "best").description == f"{workdir} step {best} (default, mixed layout)"
 
 
-def test_the_briefly_trained_model_reads_test_sequences(reports):
-    assert reports["workdir"]["sequence_accuracy"] > 0.9
+def test_the_briefly_trained_model_reads_both_layouts(reports):
+    assert (
+        reports["workdir"]["layout"] == reports["weights"]["layout"] == "free" and reports["cells"]["layout"] == "cells"
+    )
+    assert reports["workdir"]["sequence_accuracy"] > 0.7 and reports["cells"]["sequence_accuracy"] > 0.88
+    assert reports["workdir"]["confusion"] != reports["cells"]["confusion"]
 
 
 def test_an_exported_file_gives_the_built_set_report(trained_workdir, reports, tmp_path):
     data = tmp_path / "test.npz"
-    exported = command("-m", "pipeline.export", "--examples", "2000", "--max-digits", "2", "--out", str(data))
+    flags = ["--examples", "2000", "--max-digits", "2", "--layout", "free", "--out", str(data)]
+    exported = command("-m", "pipeline.export", *flags)
     assert exported.returncode == 0, exported.stderr
     out = tmp_path / "report.json"
     result = command("eval.py", "--weights", str(trained_workdir / "model.h5"), "--data", str(data), "--json", str(out))
     assert result.returncode == 0, result.stderr
-    assert json.loads(out.read_text())["confusion"] == reports["weights"]["confusion"]
+    report = json.loads(out.read_text())
+    assert report["confusion"] == reports["weights"]["confusion"] and report["layout"] is None
 
     # Sequences of up to 3 digits (28x84) for a model of 2 positions (28x56): one clear sentence.
     wider = tmp_path / "wider.npz"
@@ -106,3 +114,18 @@ def test_plots_are_pngs_of_sensible_size(reports, name):
 def test_bad_inputs_get_one_line(args, message):
     result = command("eval.py", *args)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_checkpoint_that_does_not_fit_the_recorded_network_is_one_line(trained_workdir, tmp_path):
+    workdir = tmp_path / "edited"
+    shutil.copytree(trained_workdir, workdir)
+    config = json.loads((workdir / "config.json").read_text())
+    dense = next(layer for layer in config["layers"] if layer["type"] == "Dense")
+    dense["units"] //= 2
+    (workdir / "config.json").write_text(json.dumps(config))
+    result = command("eval.py", "--workdir", str(workdir), "--examples", "100")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"eval.py: error: {workdir}'s checkpoint does not fit the network its config.json records (the file was "
+        "altered); use its model.h5, or train it again with --no-resume"
+    ]

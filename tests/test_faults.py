@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, command
+from PIL import Image
 
 from model import keras_h5, training
 from model import networks as nets
@@ -35,7 +36,7 @@ def only_line(stderr: str) -> str:
 
 
 def model_weights(path: Path) -> dict:
-    return keras_h5.read(path)[2]
+    return keras_h5.read(path).variables
 
 
 def same(a: dict, b: dict) -> bool:
@@ -185,6 +186,21 @@ def test_a_model_h5_that_disagrees_with_itself_is_one_sentence(small_model, tmp_
     assert "\n" not in str(error.value)
 
 
+def test_a_model_h5_with_a_nan_weight_is_refused_by_eval_and_predict(small_model, tmp_path):
+    import h5py
+
+    poisoned = tmp_path / "poisoned.h5"
+    shutil.copy(small_model, poisoned)
+    with h5py.File(poisoned, "r+") as f:
+        f["model_weights/bn1/bn1/beta"][0] = np.nan
+    image = tmp_path / "digits.png"
+    Image.fromarray(np.zeros((28, 56), np.uint8)).save(image)
+    expected = f"{poisoned} holds NaN or infinite weights (first in bn1/beta): it cannot predict anything"
+    for args in (["eval.py", "--examples", "100"], ["predict.py", str(image)]):
+        result = command(*args, "--weights", str(poisoned))
+        assert result.returncode == 2 and only_line(result.stderr).startswith(f"{args[0]}: error: {expected}")
+
+
 def test_a_partial_file_left_by_a_kill_is_replaced(tmp_path):
     out = tmp_path / "test.npz"
     leftover = tmp_path / ".test.npz.partial"
@@ -196,7 +212,7 @@ def test_a_partial_file_left_by_a_kill_is_replaced(tmp_path):
 FULL_DISK_H5 = """
 set -e
 mount -t tmpfs -o size=4m tmpfs "$DISK"
-python - <<'EOF'
+"$PYTHON" - <<'EOF'
 import errno, os, sys
 from model import keras_h5, networks as nets
 path = os.path.join(os.environ["DISK"], "model.h5")
@@ -217,7 +233,7 @@ def test_a_full_disk_during_the_model_h5_write_keeps_the_previous_one(tmp_path):
         pytest.skip("needs unshare -rm (user and mount namespaces) to mount a small tmpfs")
     disk = tmp_path / "disk"
     disk.mkdir()
-    env = dict(os.environ, DISK=str(disk))
+    env = dict(os.environ, DISK=str(disk), PYTHON=sys.executable)  # the tests' own Python, venv or not
     run = subprocess.run(["unshare", "-rm", "bash", "-c", FULL_DISK_H5], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr
@@ -286,7 +302,7 @@ def test_a_workdir_keeps_its_own_network_when_the_preset_changes(tmp_path, monke
     with pytest.raises(SystemExit) as stop:
         run(train_script.main, "train.py")
     assert stop.value.code == 0
-    assert keras_h5.read(workdir.model)[0].layers == original
+    assert keras_h5.read(workdir.model).network.layers == original
     assert keras_h5.recorded_step(workdir.model) == 2 * EPOCH
 
     # A workdir that does not record its network: today's preset only if its checkpoint fits it exactly.
@@ -297,3 +313,48 @@ def test_a_workdir_keeps_its_own_network_when_the_preset_changes(tmp_path, monke
         trained.from_workdir(workdir.path)
     monkeypatch.setitem(nets.PRESETS, "default", nets.DEFAULT)
     assert trained.from_workdir(workdir.path).network.layers == original
+
+
+@pytest.mark.slow
+def test_sighup_saves_and_says_so_like_sigterm(tmp_path, mnist_dir):
+    # The terminal that started the run closed: the run saves, says so in one line and exits 128+1.
+    workdir = Workdir(tmp_path / "run")
+    process = subprocess.Popen([sys.executable, "train.py", "--workdir", str(workdir.path), *SMALL, "--epochs", "40",
+                                "--checkpoint-every", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    while process.poll() is None and not (workdir.checkpoints / "2").is_dir():
+        time.sleep(0.001)
+    process.send_signal(signal.SIGHUP)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGHUP, stderr
+    step = Checkpoints(workdir.checkpoints).latest_step()
+    assert only_line(stderr) == (
+        f"train.py: SIGHUP: saved step {step} in {workdir.checkpoints}; rerun the same command to continue"
+    )
+
+
+@pytest.mark.slow
+def test_a_live_workdir_is_read_every_time_while_its_training_removes_checkpoints(tmp_path, mnist_dir, capfd):
+    """eval.py and predict.py read a workdir whose training saves a checkpoint every step and removes the
+    old ones meanwhile: every load takes the newest whole checkpoint, and nothing is said of the others."""
+    from model import trained
+
+    workdir = Workdir(tmp_path / "run")
+    process = subprocess.Popen([sys.executable, "train.py", "--workdir", str(workdir.path), *SMALL, "--epochs", "40",
+                                "--checkpoint-every", "1"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        while process.poll() is None and not (workdir.checkpoints / "3").is_dir():
+            time.sleep(0.001)
+        loads, failures = 0, []
+        while process.poll() is None and loads < 150:
+            try:
+                trained.from_workdir(workdir.path)
+                loads += 1
+            except Exception as error:  # what a user would see as a traceback
+                failures.append(f"{type(error).__name__}: {error}")
+    finally:
+        process.kill()
+        process.wait()
+    assert loads >= 20 and not failures, failures
+    assert capfd.readouterr().err == ""

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import struct
+import warnings
 import zlib
 
 import numpy as np
 import pytest
 from conftest import tiles
-from PIL import Image
+from PIL import Image, ImageFilter
 
-from pipeline.images import ImageFileError, model_input, native_layout, read_gray
+from pipeline.images import ImageFileError, gray_array, model_input, native_layout, read_gray
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +107,52 @@ def test_bad_files_get_one_sentence(tmp_path, name, content, message):
 def test_a_folder_is_not_an_image(tmp_path):
     with pytest.raises(ImageFileError, match="is a folder"):
         read_gray(tmp_path)
+
+
+def test_a_corrupt_exif_block_is_read_without_a_word_from_pillow(tmp_path, sequence):
+    image, _ = sequence
+    exif = Image.Exif()
+    exif[0x010F] = "a camera maker"  # Make
+    exif[0x0110] = "a camera model"  # Model
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(255 - image).save(path, exif=exif.tobytes()[:-6], quality=95)  # the block cut short
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gray = read_gray(path)
+    assert not caught, [str(w.message) for w in caught]
+    assert np.abs(gray.astype(int) - image).mean() < 3  # the pixels, inverted back to white on black
+
+
+def _written(pools) -> tuple[np.ndarray, str]:
+    from pipeline.sequences import SequenceConfig, eval_batches, numpy_batches
+
+    data = eval_batches(pools["test"], SequenceConfig(layout="free"), num_examples=8, batch_size=8, seed=2)
+    batch = next(numpy_batches(data))
+    return batch["image"][..., 0], batch["labels"]
+
+
+def test_a_photo_of_a_written_number_is_framed_as_the_free_layout_is(tmp_path, pools):
+    """Grey ink on light paper, wide margins, 3× larger, blurred, as a JPEG: framed, it is the sequence again."""
+    images, _ = _written(pools)
+    likeness = []
+    for i, image in enumerate(images):
+        paper = 230 - (230 - 70) * (np.pad(image, ((20, 30), (15, 40))) / 255.0)
+        photo = Image.fromarray(paper.astype(np.uint8)).convert("RGB")
+        photo = photo.resize((photo.width * 3, photo.height * 3), Image.Resampling.BICUBIC)
+        photo.filter(ImageFilter.GaussianBlur(1.5)).save(tmp_path / f"{i}.jpg", quality=90)
+        framed = model_input(tmp_path / f"{i}.jpg", (28, 140), 5, layout="free")
+        assert framed.shape == (28, 140) and framed.dtype == np.uint8
+        likeness.append(np.corrcoef(framed.ravel().astype(float), image.ravel().astype(float))[0, 1])
+    assert min(likeness) > 0.8 and np.mean(likeness) > 0.92, likeness  # the blur stays, a little
+
+
+def test_arrays_read_as_their_files_do(tmp_path, pools):
+    images, _ = _written(pools)
+    image = images[0]
+    path = _save(tmp_path / "a.png", 255 - image)
+    from_file = model_input(path, (28, 140), 5, layout="free")
+    for array in (255 - image, (255 - image) / 255.0, np.stack([255 - image] * 3, axis=-1), image[..., None]):
+        assert np.array_equal(model_input(array, (28, 140), 5, layout="free"), from_file)
+    with pytest.raises(ImageFileError, match="must be \\[height, width\\]"):
+        model_input(np.zeros((2, 3, 4, 5)), (28, 140), 5)
+    assert np.array_equal(gray_array(np.full((4, 4), 0.0)), np.zeros((4, 4), np.uint8))

@@ -106,32 +106,48 @@ def test_an_ensemble_step_trains_each_member_as_it_would_alone(label_smoothing):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), alone.variables, after)
 
 
-@pytest.mark.parametrize("preset, members", [("seed", 1), ("default", 1), ("default", 3), ("seed", 2)])
+# The reader every model had before the free layout (one classifier reading the features under each cell):
+# their workdirs and model.h5 files are still read, and rewritten.
+CELL_READER = nets.Preset(
+    "cells", "the default's trunk, read cell by cell", None, (*nets.DEFAULT.layers[:10], nets.Cells(),
+    nets.Dense("dense", 128), nets.Dropout(0.25), nets.Heads()),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "preset, members", [("seed", 1), ("default", 1), ("default", 3), ("seed", 2), ("accurate", 1), ("cells", 1)]
+)
 def test_model_h5_opens_in_keras_and_matches_flax(tmp_path, preset, members):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
-    spec = nets.get_preset(preset)
+    spec = CELL_READER if preset == "cells" else nets.get_preset(preset)
     network = nets.build(spec, 5, members)
     shape = spec.image_shape(5)
-    variables = nets.init_variables(network, shape, seed=3)
-    # Moved batch-norm statistics, so that a wrong mapping of them would show.
+    variables = jax.tree.map(np.asarray, nets.init_variables(network, shape, seed=3))
+    # Every weight moved a little and the batch-norm statistics a lot, so that a wrong mapping of any would
+    # show; the outputs stay far from one-hot, so that they show it.
     rng = np.random.default_rng(0)
-    variables = jax.tree.map(lambda a: np.asarray(a) + rng.uniform(0.1, 0.5, a.shape).astype(np.float32), variables)
+    variables["params"] = jax.tree.map(lambda a: a * rng.uniform(0.8, 1.2, a.shape) + rng.uniform(-0.02, 0.02, a.shape),
+                                       variables["params"])  # fmt: skip
+    if "batch_stats" in variables:
+        variables["batch_stats"] = jax.tree.map(lambda a: a + rng.uniform(0.1, 0.5, a.shape), variables["batch_stats"])
+    variables = jax.tree.map(lambda a: np.asarray(a, np.float32), variables)
     path = tmp_path / "model.h5"
-    keras_h5.write(path, network, shape, variables, preset)
+    keras_h5.write(path, network, shape, variables, preset, layout="mixed")
 
     images = rng.integers(0, 256, (6, *shape, 1)).astype(np.uint8)
     flax_probs = jax.nn.softmax(network.apply(variables, nets.to_input(images)), axis=-1)
+    assert np.mean((flax_probs > 0.01) & (flax_probs < 0.99)) > 0.3
     model = keras.models.load_model(path)
     assert [t.shape[1:] for t in model.inputs] == [(*shape, 1)]
     outputs = model.predict(images.astype(np.float32) / 255.0, verbose=0)
     assert len(outputs) == 5 and model.output_names == [f"position_{k}" for k in range(1, 6)]
     np.testing.assert_allclose(np.stack(outputs, axis=1), flax_probs, atol=1e-5)
 
-    network_back, shape_back, variables_back, preset_back = keras_h5.read(path)
-    assert (network_back, shape_back, preset_back) == (network, shape, preset)
-    assert jax.tree.all(jax.tree.map(np.array_equal, variables_back, variables))
+    back = keras_h5.read(path)
+    assert (back.network, back.image_shape, back.preset, back.layout) == (network, shape, preset, "mixed")
+    assert jax.tree.all(jax.tree.map(np.array_equal, back.variables, variables))
 
 
 def test_model_h5_bad_files_give_one_sentence(tmp_path):
@@ -151,8 +167,14 @@ def test_model_h5_bad_files_give_one_sentence(tmp_path):
     with h5py.File(relabelled, "r+") as f:
         description = json.loads(f.attrs["digitseq"])
         f.attrs["digitseq"] = json.dumps(description | {"image_shape": [28, 140]})
+    poisoned = tmp_path / "poisoned.h5"  # one batch-norm beta NaN, as a diverged run would leave it
+    default, default_shape = nets.build(nets.DEFAULT, 2), (28, 56)
+    keras_h5.write(poisoned, default, default_shape, nets.init_variables(default, default_shape, 0), "default")
+    with h5py.File(poisoned, "r+") as f:
+        f["model_weights/bn2/bn2/beta"][3] = np.nan
     cases = {
         tmp_path / "missing.h5": "does not exist",
+        poisoned: "poisoned.h5 holds NaN or infinite weights \\(first in bn2/beta\\): it cannot predict anything",
         relabelled: "does not fit the network it describes .* another preset or input size",
         truncated: "not a readable HDF5 file",
         text: "not a readable HDF5 file",
@@ -176,7 +198,20 @@ def test_a_failed_write_keeps_the_previous_model_h5(tmp_path):
 
 def test_presets_check_the_image_size():
     assert nets.DEFAULT.image_shape(5) == (28, 140) and nets.SEED.image_shape(3) == (64, 64)
+    assert nets.DEFAULT.image_shape(5, (64, 64)) == (64, 64)  # the localiser finds digits at any width
     with pytest.raises(ValueError, match="divides into 5 equal columns"):
-        nets.DEFAULT.image_shape(5, (64, 64))
+        CELL_READER.image_shape(5, (64, 64))
     with pytest.raises(ValueError, match="unknown preset 'big'"):
         nets.get_preset("big")
+
+
+def test_a_model_h5_written_before_layouts_reads_as_cells(tmp_path):
+    network, shape = nets.build(nets.DEFAULT, 2), (28, 56)
+    path = tmp_path / "model.h5"
+    keras_h5.write(path, network, shape, nets.init_variables(network, shape, 0), "default", layout="mixed")
+    assert keras_h5.read(path).layout == "mixed"
+    with h5py.File(path, "r+") as f:
+        description = json.loads(f.attrs["digitseq"])
+        del description["layout"]
+        f.attrs["digitseq"] = json.dumps(description)
+    assert keras_h5.read(path).layout == "cells"

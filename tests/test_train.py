@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
+from model import keras_h5
+
 QUICK = ["--val-examples", "200"]
 
 
@@ -39,6 +41,7 @@ def test_seed_preset_writes_the_whole_workdir(tmp_path, mnist_dir):
     assert "val_sequence_acc" in result.stdout and "done at step 4" in result.stdout
     config = json.loads((workdir / "config.json").read_text())
     assert config["preset"] == "seed" and config["image_size"] == [64, 64] and config["train_examples"] == 60000
+    assert config["layout"] == "cells"
     (record,) = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert record["step"] == 4 and {"loss", "position_5_acc", "val_sequence_acc", "val_loss"} <= set(record)
     assert [p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()] == ["4"]
@@ -66,9 +69,18 @@ def test_time_budget_stops_validated_and_saved(tmp_path, mnist_dir):
     (record,) = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert record["step"] == 1 and 0 < record["epoch"] < 1 and "val_sequence_acc" in record
     assert steps_saved(workdir) == [1] and (workdir / "model.h5").is_file()
+    # The default recipe trains on the mixed layout, and both config.json and model.h5 say so.
+    assert json.loads((workdir / "config.json").read_text())["layout"] == "mixed"
+    assert keras_h5.read(workdir / "model.h5").layout == "mixed"
     # The default recipe's cosine schedule is planned over its epochs: continuing under others is refused.
     other = train(workdir, "--max-digits", "1", "--epochs", "3")
     assert other.returncode == 2 and "holds a run trained with epochs=8" in other.stderr
+    other = train(workdir, "--max-digits", "1", "--layout", "cells")
+    assert other.returncode == 2 and "holds a run trained with layout='mixed'" in other.stderr
+    # Another preset: the refusal alone, no note before it that the run would go on with its own network.
+    other = train(workdir, "--max-digits", "1", "--preset", "seed")
+    assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1, other.stderr
+    assert "holds a run trained with preset='default'" in other.stderr
 
 
 @pytest.mark.slow
@@ -162,15 +174,16 @@ def test_interrupted_every_way_then_rerun_ends_bit_identical(tmp_path, mnist_dir
 DISK_FULL = """
 set -e
 mount -t tmpfs -o size=40m tmpfs "$DISK"
-python train.py --workdir "$DISK/run" --max-steps 2 --checkpoint-every 1 --val-examples 100 > /dev/null 2>&1
+"$PYTHON" train.py --workdir "$DISK/run" --max-steps 2 --checkpoint-every 1 --val-examples 100 > /dev/null 2>&1
 free=$(df -k --output=avail "$DISK" | tail -1)
 dd if=/dev/zero of="$DISK/filler" bs=1k count=$((free - 256)) 2> /dev/null  # room for the logs, not a checkpoint
 set +e
-python train.py --workdir "$DISK/run" --max-steps 4 --checkpoint-every 1 --val-examples 100 > /dev/null 2> "$OUT/stderr"
+"$PYTHON" train.py --workdir "$DISK/run" --max-steps 4 --checkpoint-every 1 --val-examples 100 \
+  > /dev/null 2> "$OUT/stderr"
 echo $? > "$OUT/status"
 set -e
 ls "$DISK/run/checkpoints" > "$OUT/listing"
-python -c "
+"$PYTHON" -c "
 import sys; from model.checkpoints import Checkpoints; from model import keras_h5
 c = Checkpoints(sys.argv[1] + '/checkpoints'); c.restore(c.latest_step())
 keras_h5.read(sys.argv[1] + '/model.h5'); print(c.latest_step())" "$DISK/run" > "$OUT/restored"
@@ -184,7 +197,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, mnist_di
         pytest.skip("needs unshare -rm (user and mount namespaces) to mount a small tmpfs")
     disk = tmp_path / "disk"
     disk.mkdir()
-    env = dict(os.environ, DISK=str(disk), OUT=str(tmp_path))
+    env = dict(os.environ, DISK=str(disk), OUT=str(tmp_path), PYTHON=sys.executable)  # the tests' Python, venv or not
     run = subprocess.run(["unshare", "-rm", "bash", "-c", DISK_FULL], cwd=ROOT, env=env, timeout=900)
     assert run.returncode == 0
     stderr = (tmp_path / "stderr").read_text()
@@ -289,8 +302,10 @@ def test_two_processes_match_two_devices_in_one(tmp_path, mnist_dir):
         (["--learning-rate", "0"], "--learning-rate must be positive"),
         (["--learning-rate", "inf"], "--learning-rate must be positive and finite, not inf"),
         (["--train-examples", "100"], "cannot fill one batch of 128"),
-        (["--preset", "default", "--image-size", "64x64"], "divides into 5 equal columns"),
+        (["--image-size", "4x4"], "4x4 is too small for the default preset"),
         (["--time-budget", "0"], "--time-budget: must be a positive number of minutes"),
+        (["--time-budget", "-inf"], "--time-budget: must be a positive number of minutes, not '-inf'"),
+        (["--time-budget", "inf"], "--time-budget: must be a positive number of minutes, not 'inf' (leave it out"),
         (["--num-processes", "2", "--process-id", "2"], "--process-id 2 must be below --num-processes 2"),
         (["--process-id", "-1"], "--process-id: expected a whole number ≥ 0, got '-1'"),
     ],
@@ -335,3 +350,17 @@ def test_a_workdir_another_process_of_the_run_is_setting_up_is_not_foreign(tmp_p
     assert not workdir.is_foreign()
     (tmp_path / "notes.txt").write_text("someone else's")
     assert workdir.is_foreign()
+
+
+def test_a_workdir_recorded_before_layouts_continues_in_cells(tmp_path):
+    """A config.json without a layout was written when every run trained on cells: rerunning its command
+    continues it so, whatever today's default recipe says."""
+    sys.path.insert(0, str(ROOT))
+    import train as train_script
+
+    config = {"preset": "default", "max_digits": 5, "ensemble": 1, "image_size": [28, 140], "layers": []}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    recipe, _ = train_script.config_from_args(train_script.parse_args(["--workdir", str(tmp_path)]))
+    assert recipe.preset == "default" and recipe.layout == "cells"
+    fresh, _ = train_script.config_from_args(train_script.parse_args(["--workdir", str(tmp_path / "new")]))
+    assert fresh.layout == "mixed"
