@@ -399,7 +399,7 @@ def read(path: str | Path) -> ModelFile:
             raise ModelFileError(f"{path} has an unreadable digitseq description ({error})") from None
         single = nets.Network(layers=layers, positions=network.positions)  # each member's network
         try:
-            expected = jax.eval_shape(lambda: nets.init_variables(single, image_shape, 0))
+            expected = nets.variables_structure(single, image_shape)
         except (TypeError, ValueError) as error:
             raise ModelFileError(
                 f"{path} has a digitseq description that does not make a network "

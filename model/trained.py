@@ -6,8 +6,6 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import jax
-
 from model import keras_h5
 from model import networks as nets
 from model.checkpoints import Checkpoints
@@ -50,7 +48,7 @@ def recorded_network(workdir: Workdir, config: dict, variables: dict | None) -> 
     if variables is None:
         return network
     image_shape = tuple(config["image_size"])
-    expected = jax.eval_shape(lambda: nets.init_variables(network, image_shape, 0))
+    expected = nets.variables_structure(network, image_shape)
     saved = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     if nets.variable_shapes(saved) != nets.variable_shapes({"batch_stats": {}, **expected}):
         if recorded:

@@ -11,6 +11,9 @@ figures are those of the members' mean probabilities.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -88,10 +91,17 @@ def train_step(
     )
 
 
-@jax.jit
 def all_finite(tree) -> jax.Array:
     """True when no leaf of `tree` holds a NaN or an infinity."""
-    return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]))
+    return _jitted_all_finite()(tree)
+
+
+@functools.cache
+def _jitted_all_finite() -> Callable:
+    def check(tree):
+        return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]))
+
+    return jax.jit(check, compiler_options=nets.run_once_options())  # built at first use: after jax.distributed
 
 
 def jit_train_step(

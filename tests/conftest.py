@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +15,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def shared_folder(tmp_path_factory) -> Path:
+    """This run's temporary folder that every pytest-xdist worker sees (each has its own below it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory) -> None:
     """One JAX compilation cache for every command the tests run: the same networks compile once."""
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+    shared = shared_folder(tmp_path_factory)
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(shared / "jax_cache"))
 
 
 @pytest.fixture(scope="session")
@@ -54,11 +63,16 @@ def trained_workdir(tmp_path_factory, mnist_dir) -> Path:
     """The default preset trained briefly (250 steps of 64, Adam 1e-3, augmented) on sequences of 1–2 digits:
     it reads them well (≈97 % of sequences), so eval and predict have a real model to test. Checkpoints
     at steps 200 and 250."""
-    workdir = tmp_path_factory.mktemp("trained") / "run"
-    result = command(
-        "train.py", "--workdir", str(workdir), "--max-digits", "2", "--batch-size", "64", "--max-steps", "250",
-        "--learning-rate", "1e-3", "--schedule", "constant", "--augment", "--val-examples", "500",
-        "--checkpoint-every", "200",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    shared = shared_folder(tmp_path_factory)  # trained once for all workers
+    workdir = shared / "trained" / "run"
+    with open(shared / "trained.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other workers wait here until it is trained
+        if not (workdir / "model.h5").is_file():
+            shutil.rmtree(workdir.parent, ignore_errors=True)  # what a failed attempt left
+            result = command(
+                "train.py", "--workdir", str(workdir), "--max-digits", "2", "--batch-size", "64", "--max-steps",
+                "250", "--learning-rate", "1e-3", "--schedule", "constant", "--augment", "--val-examples", "500",
+                "--checkpoint-every", "200",
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr
     return workdir

@@ -64,7 +64,7 @@ def test_time_budget_stops_validated_and_saved(tmp_path, mnist_dir):
     workdir = tmp_path / "budget"
     result = train(workdir, "--max-digits", "1", "--time-budget", "0.001")
     assert result.returncode == 0, result.stderr
-    assert "time budget of 0.001 min is spent: stopped at step 1 of 3744" in result.stdout
+    assert "time budget of 0.001 min is spent: stopped at step 1 of 7496" in result.stdout
     assert "everything saved" in result.stdout
     (record,) = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert record["step"] == 1 and 0 < record["epoch"] < 1 and "val_sequence_acc" in record
@@ -301,7 +301,7 @@ def test_two_processes_match_two_devices_in_one(tmp_path, mnist_dir):
         (["--max-digits", "0"], "--max-digits: must be at least 1"),
         (["--learning-rate", "0"], "--learning-rate must be positive"),
         (["--learning-rate", "inf"], "--learning-rate must be positive and finite, not inf"),
-        (["--train-examples", "100"], "cannot fill one batch of 128"),
+        (["--train-examples", "50"], "cannot fill one batch of 64"),
         (["--image-size", "4x4"], "4x4 is too small for the default preset"),
         (["--time-budget", "0"], "--time-budget: must be a positive number of minutes"),
         (["--time-budget", "-inf"], "--time-budget: must be a positive number of minutes, not '-inf'"),
