@@ -457,7 +457,7 @@ def init_variables(network: Network, image_shape: tuple[int, int], seed: int) ->
 def variables_structure(network: Network, image_shape: tuple[int, int]) -> dict:
     """What init_variables returns, as shapes and dtypes only: nothing is computed or compiled."""
     images = jax.ShapeDtypeStruct((1, *image_shape, 1), jnp.float32)
-    return dict(jax.eval_shape(functools.partial(network.init, train=False), jax.random.key(0), images))
+    return dict(jax.eval_shape(lambda x: network.init(jax.random.key(0), x, train=False), images))
 
 
 def first_activation_depth(layers: Sequence[Layer]) -> int:
