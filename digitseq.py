@@ -27,8 +27,6 @@ from pipeline.images import ImageFileError, model_input
 
 __all__ = ["ImageFileError", "Reader", "Reading"]
 
-BATCH = 256  # images per network call (fewer are padded to the next power of two: few compiled shapes)
-
 
 @dataclasses.dataclass(frozen=True)
 class Reading:
@@ -57,15 +55,10 @@ class Reader:
 
     def read_prepared(self, inputs: Sequence[np.ndarray]) -> list[Reading]:
         """Inputs from `prepare` → what the model reads in each, in order."""
-        readings = []
-        for start in range(0, len(inputs), BATCH):
-            chunk = np.stack(inputs[start : start + BATCH])[..., None]
-            padded = 1 << (len(chunk) - 1).bit_length()
-            if padded > len(chunk):
-                chunk = np.concatenate([chunk, np.zeros((padded - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-            probabilities = nets.probabilities(self.model.network, self.model.variables, chunk)
-            readings += [Reading(digits(p), p) for p in probabilities[: min(BATCH, len(inputs) - start)]]
-        return readings
+        if not inputs:
+            return []
+        probabilities = nets.read_in_batches(self.model.network, self.model.variables, np.stack(inputs)[..., None])
+        return [Reading(digits(p), p) for p in probabilities]
 
     def read(self, images: Iterable[str | Path | np.ndarray]) -> list[Reading]:
         """Image files (paths) or arrays → what the model reads in each, in order."""

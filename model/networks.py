@@ -482,6 +482,22 @@ def probabilities(network: Network, variables: dict, images: np.ndarray) -> np.n
     return np.asarray(_jitted_apply(network, None)(variables, images))
 
 
+READ_BATCH = 256  # images per network call when reading; fewer are padded to the next power of two
+
+
+def read_in_batches(network: Network, variables: dict, images: np.ndarray) -> np.ndarray:
+    """Any number of images uint8 [N, H, W, 1] → probabilities [N, positions, 11], READ_BATCH at a time:
+    how predict.py reads. Padding to powers of two keeps the compiled shapes few."""
+    parts = []
+    for start in range(0, len(images), READ_BATCH):
+        chunk = images[start : start + READ_BATCH]
+        padded = 1 << (len(chunk) - 1).bit_length()
+        if padded > len(chunk):
+            chunk = np.concatenate([chunk, np.zeros((padded - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+        parts.append(probabilities(network, variables, chunk)[: min(READ_BATCH, len(images) - start)])
+    return np.concatenate(parts) if parts else np.zeros((0, network.positions, 11), np.float32)
+
+
 def first_activations(network: Network, variables: dict, images: np.ndarray) -> np.ndarray:
     """Images uint8 [B, H, W, 1] → the first convolution's activation maps [B, H, W, features]
     (of an ensemble: its first member's)."""

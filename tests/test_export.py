@@ -1,0 +1,187 @@
+"""export.py: each artifact run in its own runtime gives what eval.py's model gives; bad input in one line."""
+
+from __future__ import annotations
+
+import fcntl
+import re
+import runpy
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT, command, shared_folder
+from handwritten import write_numbers
+
+from digitseq import Reader
+from model import artifacts, keras_h5, trained
+from model import networks as nets
+from model.checkpoints import Checkpoints
+from model.workdir import Workdir
+from pipeline.sequences import SequenceConfig, eval_batches, numpy_batches
+
+pytestmark = pytest.mark.slow  # they export models trained for them
+FLOATS = ("saved_model", "tflite", "onnx")
+TEST_EXAMPLES = 2000
+
+
+@pytest.fixture(scope="module")
+def seed_model(tmp_path_factory, mnist_dir) -> Path:
+    """The 64×64 seed preset trained briefly (200 steps of 64) on 1–2 digits: ~90 % of validation sequences."""
+    shared = shared_folder(tmp_path_factory)
+    workdir = shared / "trained_seed" / "run"
+    with open(shared / "trained_seed.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (workdir / "model.h5").is_file():
+            shutil.rmtree(workdir.parent, ignore_errors=True)
+            result = command(
+                "train.py", "--preset", "seed", "--workdir", str(workdir), "--max-digits", "2", "--batch-size", "64",
+                "--max-steps", "200", "--learning-rate", "1e-3", "--schedule", "constant", "--val-examples", "500",
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr
+    return workdir / "model.h5"
+
+
+@pytest.fixture(scope="module")
+def ensemble_model(trained_workdir, tmp_path_factory) -> Path:
+    """A 2-member ensemble of the trained default preset: its checkpoints at steps 200 and 250, side by side."""
+    single = trained.from_workdir(trained_workdir)
+    checkpoints = Checkpoints(Workdir(trained_workdir).checkpoints)
+    members = [checkpoints.restore(step) for step in (200, 250)]
+    stacked = {
+        name: {"members": jax.tree.map(lambda *leaves: np.stack(leaves), *(m[name] for m in members))}
+        for name in ("params", "batch_stats")
+        if members[0].get(name)
+    }
+    network = nets.Network(layers=single.network.layers, positions=single.network.positions, members=2)
+    path = tmp_path_factory.mktemp("ensemble") / "model.h5"
+    keras_h5.write(path, network, single.image_shape, stacked, "default", layout=single.layout)
+    return path
+
+
+def _sequences(pools, model: keras_h5.ModelFile, split: str, count: int, layout: str):
+    config = SequenceConfig.delivering(model.network.positions, model.image_shape, layout=layout)
+    batches = numpy_batches(eval_batches(pools[split], config, num_examples=count, batch_size=1000, seed=0))
+    parts = list(batches)
+    return np.concatenate([p["image"] for p in parts]), np.concatenate([p["labels"] for p in parts])
+
+
+@pytest.fixture(scope="module")
+def exports(trained_workdir, ensemble_model, seed_model, pools, tmp_path_factory) -> dict:
+    """Every format of each model. The default preset's ONNX and int8 TFLite (its own calibration set) are
+    written by the export.py command, into the workdir; the rest by the functions it runs, in this process."""
+    for name in ("onnx", "tflite-int8"):
+        result = command("export.py", str(trained_workdir), "--format", name)
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == "", result.stderr  # the converters' chatter stays out
+        assert "pipeline.images.model_input(path, (28, 56), 2, 'free')" in result.stdout
+    folder = tmp_path_factory.mktemp("exports")
+    default_name = lambda name: artifacts.FORMATS[name].file_name.format(stem="model")  # noqa: E731
+    out = {"default": {name: trained_workdir / default_name(name) for name in ("onnx", "tflite-int8")}}
+    for label, path in (("default", trained_workdir / "model.h5"), ("ensemble", ensemble_model), ("seed", seed_model)):
+        model = keras_h5.read(path)
+        calibration, _ = _sequences(pools, model, "validation", 500, model.layout)
+        serving = artifacts.serving_model(path)
+        out.setdefault(label, {})
+        for name in artifacts.FORMATS:
+            if name not in out[label]:
+                target = folder / label / default_name(name)
+                artifacts.write(serving, name, target, calibration[..., 0] if name == "tflite-int8" else None)
+                out[label][name] = target
+    out["h5"] = {"default": trained_workdir / "model.h5", "ensemble": ensemble_model, "seed": seed_model}
+    return out
+
+
+@pytest.mark.parametrize("label", ["default", "ensemble", "seed"])
+def test_each_artifact_in_its_runtime_gives_what_eval_py_gives(exports, pools, label):
+    """2,000 test sequences: float artifacts within 1e-4 of eval.py's model with the same predictions;
+    int8 within 0.3 points of float's sequence accuracy at a third of its size or less."""
+    model_h5 = exports["h5"][label]
+    model = keras_h5.read(model_h5)
+    reads = trained.from_weights(model_h5).reads
+    images, labels = _sequences(pools, model, "test", TEST_EXAMPLES, reads)
+    expected = nets.read_in_batches(model.network, model.variables, images)  # eval.py's network and weights
+    accuracy = lambda p: (p.argmax(-1) == labels).all(-1).mean()  # noqa: E731
+    assert accuracy(expected) > 0.8  # a model that reads: agreement below means something
+    for name in FLOATS:
+        got = artifacts.runtime(exports[label][name])(images)
+        assert got.shape == expected.shape, name
+        assert np.abs(got - expected).max() < 1e-4, name
+        assert (got.argmax(-1) == expected.argmax(-1)).all(), name
+    quantized = artifacts.runtime(exports[label]["tflite-int8"])(images)
+    assert abs(accuracy(quantized) - accuracy(expected)) <= 0.003
+    sizes = {name: artifacts.size_bytes(exports[label][name]) for name in ("tflite", "tflite-int8")}
+    assert sizes["tflite-int8"] <= sizes["tflite"] / 3, sizes
+
+
+def _docs_blocks() -> list[str]:
+    text = (ROOT / "docs" / "export.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+
+
+@pytest.mark.parametrize("format_name", ["onnx", "tflite-int8", "saved_model"])
+def test_the_lines_in_the_docs_read_image_files(exports, trained_workdir, tmp_path, format_name):
+    """docs/export.md's blocks, run as written (the model's shape and path filled in), read a user's PNGs
+    of touching numbers as predict.py's library reads them."""
+    frame, *runtimes, read_digits = _docs_blocks()
+    artifact = exports["default"][format_name]
+    runtime = next(block for block in runtimes if f"runs/default/{artifact.name}" in block)
+    numbers = write_numbers(tmp_path, "touching", 6, 2)
+    expected = [reading.digits for reading in Reader.load(trained_workdir / "model.h5").read(p for p, _ in numbers)]
+    frame = frame.replace('(28, 140), 5, "free"', '(28, 56), 2, "free"')
+    assert frame != _docs_blocks()[0]  # the docs' constants line is still there to fill in
+    runtime = runtime.replace("runs/default/", f"{artifact.parent}/")
+    got = []
+    for path, _ in numbers:
+        scope: dict = {}
+        exec(frame.replace('"scan.png"', repr(str(path))) + runtime + read_digits, scope)
+        got.append(scope["digits"])
+    assert got == expected
+
+
+def _export_py(capfd, *args: str) -> tuple[int, str]:
+    """export.py run as a command in this process (it exits through flags.run): (exit status, stderr)."""
+    argv = sys.argv
+    sys.argv = ["export.py", *args]
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            runpy.run_path(str(ROOT / "export.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+    return exit_.value.code, capfd.readouterr().err
+
+
+def test_bad_input_is_one_line(trained_workdir, tmp_path, capfd, monkeypatch):
+    model_h5 = str(trained_workdir / "model.h5")
+    not_a_model = tmp_path / "notes.h5"
+    not_a_model.write_text("not HDF5")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    cases = [
+        ([str(not_a_model), "--format", "onnx"], "is not a readable HDF5 file"),
+        ([str(tmp_path), "--format", "onnx"], "holds no model.h5"),
+        ([model_h5, "--format", "coreml"], "invalid choice: 'coreml'"),
+        ([model_h5, "--format", "onnx", "--out", str(a_file / "model.onnx")], f"{a_file} is a file, not a folder"),
+        ([model_h5, "--format", "tflite", "--out", str(tmp_path)], "is a folder; --out names the file"),
+    ]
+    for args, message in cases:
+        status, err = _export_py(capfd, *args)
+        assert status == 2 and message in err and err.count("\n") == 1, (args, err)
+    monkeypatch.setitem(sys.modules, "tf2onnx", None)  # not installed: importing it fails
+    status, err = _export_py(capfd, model_h5, "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
+    assert status == 2 and err.count("\n") == 1, err
+    assert "needs tf2onnx, which is not installed: pip install -e '.[export]'" in err
+    assert not list(tmp_path.glob("*.onnx")) and not list(tmp_path.glob(".*partial"))
+
+
+def test_a_failed_export_leaves_the_previous_artifact(exports, tmp_path, monkeypatch):
+    """A converter that fails part-way: the artifact already at --out is untouched, no partial is left."""
+    target = tmp_path / "model.tflite"
+    shutil.copy(exports["default"]["tflite"], target)
+    before = target.read_bytes()
+    monkeypatch.setattr(artifacts, "_tflite_bytes", lambda *_: (_ for _ in ()).throw(RuntimeError("converter")))
+    with pytest.raises(RuntimeError, match="converter"):
+        artifacts.write(artifacts.serving_model(exports["h5"]["default"]), "tflite", target)
+    assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.tflite"]
