@@ -151,8 +151,8 @@ def _signature(model) -> list:
 
 
 def _write_saved_model(model, folder: Path) -> None:
+    # The endpoint tracks the variables it uses; track(model) as well would save each one twice.
     archive = _keras().export.ExportArchive()
-    archive.track(model)
     archive.add_endpoint("serve", lambda image: model(image, training=False), input_signature=_signature(model))
     archive.write_out(str(folder), verbose=False)
 
@@ -160,7 +160,7 @@ def _write_saved_model(model, folder: Path) -> None:
 def _tflite_bytes(model, calibration: np.ndarray | None) -> bytes:
     import tensorflow as tf
 
-    with tempfile.TemporaryDirectory() as folder:  # Keras 3's path to TFLite: a SavedModel first
+    with tempfile.TemporaryDirectory() as folder:  # Keras 3's path to TFLite (its own export's too): a SavedModel
         _write_saved_model(model, Path(folder))
         converter = tf.lite.TFLiteConverter.from_saved_model(folder)
         if calibration is not None:

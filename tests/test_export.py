@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import re
 import runpy
 import shutil
@@ -185,3 +186,19 @@ def test_a_failed_export_leaves_the_previous_artifact(exports, tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="converter"):
         artifacts.write(artifacts.serving_model(exports["h5"]["default"]), "tflite", target)
     assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.tflite"]
+
+
+def test_benchmark_prints_json_last(trained_workdir, tmp_path):
+    """--benchmark: every format written, each timed in its runtime beside Flax; the figures as JSON last."""
+    result = command("export.py", str(trained_workdir), "--benchmark", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = {row["runtime"]: row for row in figures["rows"]}
+    assert list(rows) == ["flax (predict.py)", *artifacts.FORMATS]
+    for row in rows.values():
+        assert row["latency_ms"] > 0 and row["images_per_s"] > 0 and row["images"] == 1000
+    assert all(rows[name]["same_predictions_as_flax"] == 1.0 for name in FLOATS)
+    assert rows["tflite-int8"]["size_bytes"] <= rows["tflite"]["size_bytes"] / 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["test.npz", *(fmt.file_name.format(stem="model") for fmt in artifacts.FORMATS.values())]
+    )
