@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from model import artifacts, keras_h5
+from model import artifacts, trained
 from pipeline import export, flags
 from pipeline.mnist import load_pool
-from pipeline.sequences import SequenceConfig, eval_batches, numpy_batches
+from pipeline.sequences import SequenceConfig, fixed_set
 
 PROG = "export.py"
 CALIBRATION_EXAMPLES = 500  # validation sequences for int8's ranges (TFLite's guide: a few hundred)
@@ -66,42 +66,41 @@ def output_path(model_h5: Path, format_name: str, out: Path | None) -> Path:
     return out
 
 
-def sequences(model: keras_h5.ModelFile, split: str, count: int, layout: str, args) -> tuple[np.ndarray, np.ndarray]:
+def sequences(model: trained.Trained, split: str, count: int, layout: str, args) -> tuple[np.ndarray, np.ndarray]:
     """`count` sequences of `split` digits in `layout`, shaped as the model reads: uint8 [N, H, W], labels."""
     config = SequenceConfig.delivering(model.network.positions, model.image_shape, layout=layout)
-    pool = load_pool(split, args.data_dir, args.mnist_dir)
-    parts = list(numpy_batches(eval_batches(pool, config, num_examples=count, batch_size=count, seed=0)))
-    return np.concatenate([p["image"][..., 0] for p in parts]), np.concatenate([p["labels"] for p in parts])
+    return fixed_set(load_pool(split, args.data_dir, args.mnist_dir), config, count)
 
 
-def export_one(model_h5: Path, model: keras_h5.ModelFile, format_name: str, out: Path, args) -> str:
+def export_one(model_h5: Path, model: trained.Trained, format_name: str, out: Path, args) -> str:
     """Writes one artifact; returns the line that says what was written."""
-    artifacts.require(artifacts.FORMATS[format_name].writer_needs, f"the {format_name} format")
     calibration = None
     if format_name == "tflite-int8":
         calibration, _ = sequences(model, "validation", CALIBRATION_EXAMPLES, model.layout, args)
     artifacts.write(artifacts.serving_model(model_h5), format_name, out, calibration)
     height, width = model.image_shape
-    reads = "cells" if model.layout == "cells" else "free"
     positions = model.network.positions
     return (
         f"wrote {out} ({artifacts.size_bytes(out) / 1e6:.2f} MB, {format_name}): input `image` uint8 "
         f"[N, {height}, {width}, 1], outputs `position_1` … `position_{positions}`, [N, 11] probabilities each; "
         f"an image file becomes its input by pipeline.images.model_input(path, ({height}, {width}), {positions}, "
-        f"{reads!r})"
+        f"{model.reads!r})"
     )
 
 
-def benchmark(model_h5: Path, model: keras_h5.ModelFile, args) -> None:
+def benchmark(model_h5: Path, model: trained.Trained, args) -> None:
     """Exports every format, then times model.h5 in Flax and each artifact in its runtime, each in a
     process of its own (as a service would hold it: its runtime alone, its default threads)."""
     for fmt in artifacts.FORMATS.values():
         artifacts.require((*fmt.writer_needs, fmt.runtime), "the benchmark")
-    folder_context = tempfile.TemporaryDirectory(prefix="digitseq_export_") if args.out is None else None
-    folder = Path(folder_context.name) if folder_context else args.out
+    with tempfile.TemporaryDirectory(prefix="digitseq_export_") as temporary:
+        rows = _time_every_format(model_h5, model, args.out or Path(temporary), args)
+    print(json.dumps({"model": str(model_h5), "cpu": artifacts.cpu_name(), "layout": model.reads, "rows": rows}))
+
+
+def _time_every_format(model_h5: Path, model: trained.Trained, folder: Path, args) -> list[dict]:
     folder.mkdir(parents=True, exist_ok=True)
-    reads = "cells" if model.layout == "cells" else "free"
-    images, labels = sequences(model, "test", BENCHMARK_EXAMPLES, reads, args)
+    images, labels = sequences(model, "test", BENCHMARK_EXAMPLES, model.reads, args)
     data = folder / "test.npz"
     export.write(data, images, labels, {})
     paths = [model_h5]
@@ -121,7 +120,7 @@ def benchmark(model_h5: Path, model: keras_h5.ModelFile, args) -> None:
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
     flax = np.array(rows[0]["predictions"])
     names = ["flax (predict.py)", *artifacts.FORMATS]
-    print(f"{model_h5} on {artifacts.cpu_name()}; {len(images):,} {reads}-layout test sequences")
+    print(f"{model_h5} on {artifacts.cpu_name()}; {len(images):,} {model.reads}-layout test sequences")
     print(f"{'':19} {'size MB':>8} {'1 image ms':>11} {'images/s':>9} {'sequence acc':>13} {'same as flax':>13}")
     for name, row in zip(names, rows, strict=True):
         row["runtime"] = name
@@ -130,9 +129,7 @@ def benchmark(model_h5: Path, model: keras_h5.ModelFile, args) -> None:
             f"{name:19} {row['size_bytes'] / 1e6:8.2f} {row['latency_ms']:11.2f} {row['images_per_s']:9,.0f} "
             f"{row['sequence_accuracy']:13.2%} {row['same_predictions_as_flax']:13.2%}"
         )
-    if folder_context:
-        folder_context.cleanup()
-    print(json.dumps({"model": str(model_h5), "cpu": artifacts.cpu_name(), "layout": reads, "rows": rows}))
+    return rows
 
 
 def main() -> None:
@@ -159,7 +156,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model_h5 = model_file(args.model)
-    model = keras_h5.read(model_h5)  # a file that is not a model.h5 is refused here, in one line
+    model = trained.from_weights(model_h5)  # a file that is not a model.h5 is refused here, in one line
     if args.benchmark:
         if args.out and args.out.exists() and not args.out.is_dir():
             raise ValueError(f"{args.out} is a file; with --benchmark, --out names a folder")

@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline import flags
 from pipeline.mnist import SPLITS, load_pool
-from pipeline.sequences import BLANK, eval_batches, numpy_batches
+from pipeline.sequences import BLANK, fixed_set
 
 PREVIEW_COUNT = 24  # sequences drawn by --preview
 PREVIEW_ZOOM = 3
@@ -28,12 +28,7 @@ PREVIEW_ZOOM = 3
 
 def build(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     pool = load_pool(args.split, args.data_dir, args.mnist_dir)
-    config, count = flags.sequence_config(args), args.examples
-    batches = eval_batches(pool, config, num_examples=count, batch_size=1000, seed=args.seed)
-    parts = list(numpy_batches(batches))
-    images = np.concatenate([p["image"][..., 0] for p in parts])
-    labels = np.concatenate([p["labels"] for p in parts])
-    return images, labels
+    return fixed_set(pool, flags.sequence_config(args), args.examples, args.seed)
 
 
 def write(path: Path, images: np.ndarray, labels: np.ndarray, attrs: dict[str, object]) -> None:

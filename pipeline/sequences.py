@@ -371,3 +371,11 @@ def numpy_batches(dataset: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
     for arrays in numpy_stacks(dataset):
         for step in range(arrays["labels"].shape[0]):
             yield {name: array[step] for name, array in arrays.items()}
+
+
+def fixed_set(
+    pool: DigitPool, config: SequenceConfig, num_examples: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed set `eval_batches` builds, whole in memory: images uint8 [N, H, W], labels int32 [N, K]."""
+    parts = list(numpy_batches(eval_batches(pool, config, num_examples=num_examples, batch_size=1000, seed=seed)))
+    return np.concatenate([p["image"][..., 0] for p in parts]), np.concatenate([p["labels"] for p in parts])

@@ -21,7 +21,7 @@ from model import artifacts, keras_h5, trained
 from model import networks as nets
 from model.checkpoints import Checkpoints
 from model.workdir import Workdir
-from pipeline.sequences import SequenceConfig, eval_batches, numpy_batches
+from pipeline.sequences import SequenceConfig, fixed_set
 
 pytestmark = pytest.mark.slow  # they export models trained for them
 FLOATS = ("saved_model", "tflite", "onnx")
@@ -64,9 +64,7 @@ def ensemble_model(trained_workdir, tmp_path_factory) -> Path:
 
 def _sequences(pools, model: keras_h5.ModelFile, split: str, count: int, layout: str):
     config = SequenceConfig.delivering(model.network.positions, model.image_shape, layout=layout)
-    batches = numpy_batches(eval_batches(pools[split], config, num_examples=count, batch_size=1000, seed=0))
-    parts = list(batches)
-    return np.concatenate([p["image"] for p in parts]), np.concatenate([p["labels"] for p in parts])
+    return fixed_set(pools[split], config, count)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +87,7 @@ def exports(trained_workdir, ensemble_model, seed_model, pools, tmp_path_factory
         for name in artifacts.FORMATS:
             if name not in out[label]:
                 target = folder / label / default_name(name)
-                artifacts.write(serving, name, target, calibration[..., 0] if name == "tflite-int8" else None)
+                artifacts.write(serving, name, target, calibration if name == "tflite-int8" else None)
                 out[label][name] = target
     out["h5"] = {"default": trained_workdir / "model.h5", "ensemble": ensemble_model, "seed": seed_model}
     return out
@@ -103,6 +101,7 @@ def test_each_artifact_in_its_runtime_gives_what_eval_py_gives(exports, pools, l
     model = keras_h5.read(model_h5)
     reads = trained.from_weights(model_h5).reads
     images, labels = _sequences(pools, model, "test", TEST_EXAMPLES, reads)
+    images = images[..., None]
     expected = nets.read_in_batches(model.network, model.variables, images)  # eval.py's network and weights
     accuracy = lambda p: (p.argmax(-1) == labels).all(-1).mean()  # noqa: E731
     assert accuracy(expected) > 0.8  # a model that reads: agreement below means something
