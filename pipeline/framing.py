@@ -2,8 +2,17 @@
 network's input. One rule for both sides: the free layout frames its sequences with it, and a
 user's image file is framed with it, so a photo and a training sequence meet the network alike.
 
+0. The page (a user's image only; a training sequence is already white ink on black):
+   a. the ink's polarity: dark ink on light paper is inverted, so ink is white on black as in
+      MNIST (`white_on_black`);
+   b. the paper is estimated locally, by a grey opening with a window six strokes wide: what is
+      narrower is ink, and light from one side, a shadow, grey or tinted paper stay paper (the
+      strokes' width is measured first); the ink is what stands out of the paper, divided
+      by the paper's brightness (light that falls unevenly dims ink and paper alike); grain below a
+      few standard deviations of the paper's noise is dropped; the strongest ink becomes 255 (`ink`).
 1. The ink: pixels brighter than INK_LEVEL (of 255, white digits on black at full contrast). Its
-   bounding box is the number's extent.
+   bounding box is the number's extent — specks and smudges away from the number's main strokes
+   left out (`ink_box`).
 2. The box is scaled, aspect kept, to INK_HEIGHT pixels high (MNIST's 20-pixel digit box), or
    less if it would then be wider than the canvas leaves room for (MARGIN on either side).
 3. It is placed MARGIN pixels from the canvas's left edge, centred vertically, on a black canvas
@@ -15,12 +24,23 @@ user's image file is framed with it, so a photo and a training sequence meet the
 from __future__ import annotations
 
 import numpy as np
+import scipy.ndimage as ndi
 import tensorflow as tf
 
 CANVAS_HEIGHT = 28
 INK_HEIGHT = 20
 MARGIN = 4
 INK_LEVEL = 64
+
+# The page (step 0)
+_GRID = 16  # the paper is estimated on a grid of about this many cells across the image's short side
+_PAPER_PERCENTILE = 25  # of the pixels around a point: the paper, unless ink covers over 3/4 of them
+_STROKES_PER_WINDOW = 6  # the paper under the ink: what is narrower than this many strokes is ink
+_NOISE_FLOOR = 3.0  # ink must stand this many of the paper's noise standard deviations above it
+_PEAK_SHARE = 0.002  # the strongest ink: the value this share of the ink pixels reaches (not one hot pixel)
+# Step 1: a component of ink belongs to the number when it has this share of the largest one's area,
+# or lies beside those (a dot, a broken stroke's end, a stroke's tip just above INK_LEVEL)
+_MAIN_SHARE = 0.15
 
 
 def placement(ink_height, ink_width, canvas_width: int):
@@ -33,37 +53,142 @@ def placement(ink_height, ink_width, canvas_width: int):
     return scale, top, tf.fill(tf.shape(scale), float(MARGIN))
 
 
-def ink_box(pixels: np.ndarray) -> tuple[int, int, int, int] | None:
-    """(top, left, height, width) of the pixels brighter than INK_LEVEL (step 1); None without ink."""
-    ink = pixels > INK_LEVEL
-    rows, columns = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
-    if not len(rows):
-        return None
-    return int(rows[0]), int(columns[0]), int(rows[-1] - rows[0] + 1), int(columns[-1] - columns[0] + 1)
+# --- step 0: the page ----------------------------------------------------------------------------
 
 
-def stretch(gray: np.ndarray) -> np.ndarray:
-    """White-on-black pixels of any contrast (grey ink, light paper) → float32 at full contrast: the
-    border's median (the paper) becomes 0 and the brightest pixel 255. Without ink, all zero."""
+def _paper(pixels: np.ndarray, percentiles: list[float]) -> list[np.ndarray]:
+    """Local low percentiles of float32 [h, w]: each pixel's percentile of the pixels within about the
+    short side around it, smooth and at full size (one array per percentile).
+
+    Computed on a coarse grid (percentiles of blocks, then of a window of blocks) and interpolated
+    back bilinearly: the paper changes slowly, and a 12-megapixel photo costs milliseconds."""
+    height, width = pixels.shape
+    block = max(1, min(height, width) // _GRID)
+    rows, columns = -(-height // block), -(-width // block)
+    padded = np.pad(pixels, ((0, rows * block - height), (0, columns * block - width)), mode="edge")
+    blocks = padded.reshape(rows, block, columns, block).transpose(0, 2, 1, 3).reshape(rows, columns, -1)
+    window = max(3, min(rows, columns) | 1)
+    coarse = np.percentile(blocks, percentiles, axis=-1)
+    up_rows, up_columns = _interpolation(height, rows, block), _interpolation(width, columns, block)
+    papers = []
+    for grid, percentile in zip(coarse, percentiles, strict=True):
+        grid = ndi.percentile_filter(grid, percentile, size=window, mode="nearest")
+        grid = ndi.uniform_filter(grid, size=3, mode="nearest")  # no steps from one cell to the next
+        papers.append((up_rows @ grid @ up_columns.T).astype(np.float32))
+    return papers
+
+
+def _interpolation(size: int, cells: int, block: int) -> np.ndarray:
+    """[size, cells]: linear interpolation from cell centres (i + 0.5)·block to pixel centres."""
+    position = np.clip((np.arange(size) + 0.5) / block - 0.5, 0, cells - 1)
+    below = np.floor(position).astype(int)
+    above = np.minimum(below + 1, cells - 1)
+    weights = np.zeros((size, cells))
+    weights[np.arange(size), below] += 1 - (position - below)
+    weights[np.arange(size), above] += position - below
+    return weights
+
+
+def _strongest(values: np.ndarray) -> float:
+    """The strongest ink in a map of it: reached by _PEAK_SHARE of its ink pixels, at least 5."""
+    candidates = values[values > 0]
+    if candidates.size == 0:
+        return 0.0
+    rank = max(5, int(_PEAK_SHARE * candidates.size))
+    return float(np.partition(candidates, -min(rank, candidates.size))[-min(rank, candidates.size)])
+
+
+def white_on_black(gray: np.ndarray) -> np.ndarray:
+    """uint8 [h, w] of either polarity → white ink on black (step 0a): inverted when what stands out
+    of the local paper is darker than it, not lighter."""
+    if min(gray.shape) < 2:
+        return gray
     pixels = gray.astype(np.float32)
-    background = float(np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])))
-    if pixels.max() - background < 16:  # no ink to speak of
+    low, high = _paper(pixels, [_PAPER_PERCENTILE, 100 - _PAPER_PERCENTILE])
+    bright = ndi.uniform_filter(pixels - low, 3)  # a little smoothing: one noisy pixel does not decide
+    dark = ndi.uniform_filter(high - pixels, 3)
+    return 255 - gray if _strongest(dark) > _strongest(bright) else gray
+
+
+def ink(gray: np.ndarray) -> np.ndarray:
+    """White-on-black uint8 [h, w] → float32 [h, w]: the ink alone (step 0b), the paper 0 and the
+    strongest ink 255. Without ink to speak of, all zero."""
+    pixels = gray.astype(np.float32)
+    if min(pixels.shape) < 2:
         return np.zeros_like(pixels)
-    return np.clip((pixels - background) * (255.0 / (pixels.max() - background)), 0, 255)
+    # The paper: a grey opening (the darkest within a window, then the brightest of those) removes
+    # every stroke narrower than the window and keeps what is wider — a ramp of light, a shadow —
+    # exactly. The window is a few strokes wide: wider, and the corner of a shadow is taken for ink;
+    # narrower, and where strokes meet is taken for paper. The strokes' width is measured on a
+    # first opening, a little smoothing first: grain does not set the paper's level.
+    smooth = ndi.uniform_filter(pixels, 3)
+    short = min(pixels.shape)
+    window = max(3, short // 8)
+    paper = ndi.maximum_filter(ndi.minimum_filter(smooth, window), window)
+    rough = smooth - paper
+    strokes = rough > max(16.0, 0.3 * _strongest(rough))
+    area = np.count_nonzero(strokes)
+    if area:
+        edge = np.count_nonzero(strokes & ~ndi.binary_erosion(strokes))
+        width = 2 * area / max(edge, 1)  # a stroke of width s and length l: area s·l, edge 2·l
+        window = int(np.clip(_STROKES_PER_WINDOW * width, 3, short // 2))
+        paper = ndi.maximum_filter(ndi.minimum_filter(smooth, window), window)
+    light = np.maximum(255.0 - paper, 32.0)  # how bright the paper is lit (dark paper: ink shows less)
+    contrast = (pixels - paper) * (255.0 / light)
+    typical = np.median(contrast)
+    noise = 1.4826 * np.median(np.abs(contrast - typical))  # the paper's grain, as a standard deviation
+    contrast -= typical + _NOISE_FLOOR * noise
+    peak = _strongest(contrast)
+    if peak < 16:  # no ink to speak of
+        return np.zeros_like(pixels)
+    return np.clip(contrast * (255.0 / peak), 0, 255)
+
+
+# --- step 1: the number's ink box -----------------------------------------------------------------
+
+
+def ink_box(pixels: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(top, left, height, width) of the number's ink, pixels brighter than INK_LEVEL (step 1): its
+    main strokes and what lies beside them, not specks away from it. None without ink."""
+    labels, count = ndi.label(pixels > INK_LEVEL, structure=np.ones((3, 3)))
+    if count == 0:
+        return None
+    areas = np.bincount(labels.ravel())[1:]
+    boxes = ndi.find_objects(labels)
+    main = areas >= _MAIN_SHARE * areas.max()
+    top = min(b[0].start for b, m in zip(boxes, main, strict=True) if m)
+    bottom = max(b[0].stop for b, m in zip(boxes, main, strict=True) if m)
+    left = min(b[1].start for b, m in zip(boxes, main, strict=True) if m)
+    right = max(b[1].stop for b, m in zip(boxes, main, strict=True) if m)
+    reach = bottom - top
+    keep = main.copy()
+    for i, (rows, columns) in enumerate(boxes):
+        row, column = (rows.start + rows.stop) / 2, (columns.start + columns.stop) / 2
+        beside = top - reach / 4 <= row <= bottom + reach / 4 and left - reach / 2 <= column <= right + reach / 2
+        keep[i] |= beside
+    kept = [b for b, k in zip(boxes, keep, strict=True) if k]
+    top, bottom = min(b[0].start for b in kept), max(b[0].stop for b in kept)
+    left, right = min(b[1].start for b in kept), max(b[1].stop for b in kept)
+    return top, left, bottom - top, right - left
 
 
 def frame(gray: np.ndarray, canvas_width: int) -> np.ndarray:
-    """White-on-black uint8 [h, w] of any size and contrast → the framed uint8 [28, canvas_width].
+    """White-on-black uint8 [h, w] of any size, contrast and lighting → the framed uint8 [28, canvas_width].
 
-    The pixels are resampled by TensorFlow's scale-and-translate with an antialiasing triangle
-    filter, so a large photo shrinks without aliasing; an image without ink frames to black.
+    The ink outside its box (and a margin of a fifth of its height) is dropped; the rest is resampled
+    by TensorFlow's scale-and-translate with an antialiasing triangle filter, so a large photo shrinks
+    without aliasing. An image without ink frames to black.
     """
-    pixels = stretch(gray)
+    pixels = ink(gray)
     box = ink_box(pixels)
     canvas = np.zeros((CANVAS_HEIGHT, canvas_width), np.uint8)
     if box is None:
         return canvas
     top, left, height, width = box
+    margin = max(3, height // 5)
+    kept = np.zeros_like(pixels)
+    kept[max(0, top - margin) : top + height + margin, max(0, left - margin) : left + width + margin] = 1
+    pixels *= kept
     scale, new_top, new_left = (float(v) for v in placement(height, width, canvas_width))
     framed = tf.raw_ops.ScaleAndTranslate(
         images=tf.constant(pixels[None, :, :, None]),

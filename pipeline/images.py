@@ -1,17 +1,20 @@
 """A user's image (a file, or an array) → the layout the model reads.
 
 The rule (docs/commands.md, "predict.py"):
-1. A file is read with Pillow, EXIF rotation applied, to grayscale; transparent areas count as
-   white. An array is taken as grayscale (RGB averaged; floats in [0, 1] scaled to 0–255).
-2. If the border is lighter than mid-grey the image is dark ink on light paper: it is inverted,
-   so digits are white on black as in MNIST.
+1. A file is read with Pillow, EXIF rotation applied, to grayscale (colour ink and paper by
+   their brightness); transparent areas count as white; a photo over ANALYSIS_PIXELS is reduced
+   by a whole factor (the number ends up 28 pixels high: more detail is never used). An array is
+   taken as grayscale (RGB averaged; floats in [0, 1] scaled to 0–255).
+2. Dark ink on lighter paper is inverted, so digits are white on black as in MNIST
+   (`pipeline.framing.white_on_black`: what stands out of the local paper decides, not the border).
 3. For a model that reads written numbers (trained on the free or mixed layout) the image is
-   framed by `pipeline.framing`: stretched to full contrast, its ink box scaled to 20 px high (or
-   to the canvas's width) and placed 4 px from the left of a black 28 × 28·K canvas — the rule the
-   free layout frames its sequences by. Nothing is cut into pieces.
+   framed by `pipeline.framing`: the page normalised (the paper estimated locally and taken
+   away, so uneven light, shadows, tinted paper and grain do not become ink), its ink box scaled
+   to 20 px high (or to the canvas's width) and placed 4 px from the left of a black 28 × 28·K
+   canvas — the rule the free layout frames its sequences by. Nothing is cut into pieces.
 4. For a model of the cell layout, an image of exactly the model's input size, or of the native
    28 × 28·K, is taken as it is (an image `pipeline.export` wrote reads back unchanged). Any other
-   is stretched to full contrast and split into digits at the columns without ink; digit i goes
+   has its page normalised the same way and is split into digits at the columns without ink; digit i goes
    into cell i of a black 28 × 28·K canvas the way MNIST made its digits (fitted into 20×20,
    aspect kept, centre of mass at the cell's centre), the cells after the last digit stay blank.
    If there are more pieces than cells (touching digits are one piece; broken strokes, specks are
@@ -34,6 +37,7 @@ from pipeline import framing
 from pipeline.sequences import TILE, resize
 
 MAX_PIXELS = 40_000_000  # refused before decoding: a 20000×20000 header must not allocate 400 MB
+ANALYSIS_PIXELS = 2_000_000  # a larger photo is reduced to about this (a 12-megapixel one by 3 each way)
 
 
 class ImageFileError(ValueError):
@@ -71,6 +75,9 @@ def read_gray(path: str | Path) -> np.ndarray:
                     gray = np.clip(pixels, 0, 255).astype(np.uint8)
                 else:
                     gray = np.asarray(image.convert("L"))
+                factor = int((width * height / ANALYSIS_PIXELS) ** 0.5)
+                if factor > 1:
+                    gray = np.asarray(Image.fromarray(gray).reduce(factor))
     except Image.DecompressionBombError:
         raise ImageFileError(f"{path} is too large to decode safely; scale it down first") from None
     except UnidentifiedImageError:
@@ -81,7 +88,7 @@ def read_gray(path: str | Path) -> np.ndarray:
         if isinstance(error, ImageFileError):
             raise
         raise ImageFileError(f"{path} is damaged or truncated ({error})") from None
-    return _white_on_black(gray)
+    return framing.white_on_black(gray)
 
 
 def gray_array(array: np.ndarray) -> np.ndarray:
@@ -99,18 +106,13 @@ def gray_array(array: np.ndarray) -> np.ndarray:
         pixels = pixels * scale
     elif not np.issubdtype(pixels.dtype, np.integer) and pixels.dtype != bool:
         raise ImageFileError(f"an image array must hold numbers, not {pixels.dtype}")
-    return _white_on_black(np.clip(np.round(pixels.astype(np.float64)), 0, 255).astype(np.uint8))
-
-
-def _white_on_black(gray: np.ndarray) -> np.ndarray:
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    return 255 - gray if np.median(border) > 127 else gray
+    return framing.white_on_black(np.clip(np.round(pixels.astype(np.float64)), 0, 255).astype(np.uint8))
 
 
 def native_layout(gray: np.ndarray, max_digits: int) -> np.ndarray:
     """White-on-black uint8 [h, w] of any size → [28, 28·max_digits] in the cell layout (step 4)."""
     canvas = np.zeros((TILE, TILE * max_digits), np.uint8)
-    pixels = framing.stretch(gray)
+    pixels = framing.ink(gray)
     if not pixels.any():  # no ink to speak of: an empty sequence
         return canvas
     ink_columns = np.flatnonzero((pixels > framing.INK_LEVEL).any(axis=0))

@@ -156,3 +156,64 @@ def test_arrays_read_as_their_files_do(tmp_path, pools):
     with pytest.raises(ImageFileError, match="must be \\[height, width\\]"):
         model_input(np.zeros((2, 3, 4, 5)), (28, 140), 5)
     assert np.array_equal(gray_array(np.full((4, 4), 0.0)), np.zeros((4, 4), np.uint8))
+
+
+def _on_paper(number: np.ndarray, ink=(25, 40, 150), paper=(240, 228, 190), light=None, grain=0.0, seed=0):
+    """A white-on-black number → RGB float: ink on paper, 3× the size with wide margins, lit by `light`
+    (a function of (rows, columns) in [0, 1] → brightness factor), with Gaussian grain."""
+    big = np.asarray(Image.fromarray(np.pad(number, ((20, 24), (15, 40)))).resize(
+        (3 * (number.shape[1] + 55), 3 * (number.shape[0] + 44)), Image.Resampling.BICUBIC), np.float32) / 255
+    picture = np.array(paper, np.float32) * (1 - big[..., None]) + np.array(ink, np.float32) * big[..., None]
+    rows, columns = np.mgrid[0 : big.shape[0], 0 : big.shape[1]]
+    if light is not None:
+        picture *= light(rows / big.shape[0], columns / big.shape[1])[..., None]
+    picture += np.random.default_rng(seed).normal(0, grain, picture.shape) if grain else 0
+    return np.clip(np.round(picture), 0, 255).astype(np.uint8)
+
+
+PAGES = {  # each photo's trouble, alone
+    "light from one side": dict(light=lambda r, c: 0.3 + 0.7 * c),
+    "a shadow's edge": dict(light=lambda r, c: 1 - 0.45 / (1 + np.exp(-(c + 0.3 * r - 0.55) / 0.03))),
+    "grey paper, black ink": dict(ink=(30, 30, 30), paper=(150, 150, 145)),
+    "grain": dict(grain=12.0),
+    "a dim corner, grain": dict(light=lambda r, c: 0.35 + 0.65 * np.minimum(1, r + c), grain=6.0),
+}
+
+
+@pytest.mark.parametrize("trouble", PAGES)
+def test_a_photo_of_a_written_number_on_uneven_paper_frames_as_the_number(tmp_path, pools, trouble):
+    """Light from one side, a shadow, grey paper, grain, tinted paper and blue ink, saved as a JPEG of quality
+    60: framed, it is the number again. (By the border's median, the rule before the page was normalised,
+    such a photo frames to a grey ramp: the paper darker than the median becomes ink.)"""
+    images, _ = _written(pools)
+    likeness = []
+    for i, image in enumerate(images[:4]):
+        path = tmp_path / f"{i}.jpg"
+        Image.fromarray(_on_paper(image, **PAGES[trouble], seed=i)).save(path, quality=60)
+        framed = model_input(path, (28, 140), 5, layout="free")
+        likeness.append(np.corrcoef(framed.ravel().astype(float), image.ravel().astype(float))[0, 1])
+    assert min(likeness) > 0.8, likeness
+
+
+def test_a_small_number_in_a_large_photo_is_found_and_specks_left_out(tmp_path, pools):
+    images, _ = _written(pools)
+    image = images[1]
+    photo = np.full((1500, 2000, 3), 225, np.uint8)
+    number = _on_paper(image, paper=(225, 225, 225), ink=(30, 30, 30))
+    photo[900 : 900 + number.shape[0], 300 : 300 + number.shape[1]] = number  # a ninth of the height
+    rng = np.random.default_rng(0)
+    for row, column in rng.integers([0, 0], [1500, 2000], size=(12, 2)):
+        if not (800 < row < 1200 and 200 < column < 900):
+            photo[row : row + 4, column : column + 4] = 40  # specks of dust, away from the number
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(photo).save(path, quality=80)
+    framed = model_input(path, (28, 140), 5, layout="free")
+    assert np.corrcoef(framed.ravel().astype(float), image.ravel().astype(float))[0, 1] > 0.85
+
+
+def test_light_ink_on_dark_paper_and_dark_ink_on_light_frame_alike(tmp_path, pools):
+    images, _ = _written(pools)
+    light = _on_paper(images[2], ink=(30, 30, 30), paper=(235, 235, 235), light=lambda r, c: 0.4 + 0.6 * c)
+    dark = 255 - light  # chalk on a board, lit from the other side
+    framed = [model_input(array, (28, 140), 5, layout="free") for array in (light, dark)]
+    assert np.corrcoef(framed[0].ravel().astype(float), framed[1].ravel().astype(float))[0, 1] > 0.95

@@ -78,6 +78,16 @@ def test_handwritten_numbers_whose_digits_touch_are_read(trained_workdir, tmp_pa
     assert read_right(touching, *model) >= 0.5
 
 
+def test_photos_of_written_numbers_are_read(trained_workdir, tmp_path):
+    """Phone photos (tests/handwritten.py's "photo" style): blue or black ink on white, grey or tinted
+    paper, turned by up to 5°, soft focus, lit from one side and half of them under a shadow's edge,
+    grain, JPEG quality 60 — read by predict.py end to end. Framed by the border's median, as before the
+    page was normalised, such photos read as (almost) nothing: paper darker than the median becomes ink."""
+    photos = write_numbers(tmp_path / "photo", "photo", count=40, max_digits=2, seed=3)
+    assert all(path.suffix == ".jpg" for path, _ in photos)
+    assert read_right(photos, "--weights", str(trained_workdir / "model.h5")) >= 0.6
+
+
 def test_the_library_reads_paths_and_arrays_alike(trained_workdir, exported):
     paths, images, _ = exported["free"]
     reader = Reader.load(trained_workdir)
