@@ -104,8 +104,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument(
         "--plots", type=Path, metavar="DIR",
-        help="also write PNGs there: examples (mistakes marked), per-position accuracy, confusion, "
-        "training curves (from the workdir's metrics.jsonl), first-layer filters and activations",
+        help="also write PNGs there: examples (mistakes marked), where each position looked (the reader's "
+        "weights over the columns, under a few test images), per-position accuracy, confusion, training "
+        "curves (from the workdir's metrics.jsonl), first-layer filters and activations",
     )  # fmt: skip
     flags.add_data_flags(parser)
     args = parser.parse_args()
@@ -142,12 +143,17 @@ def write_plots(folder: Path, model: trained.Trained, variables: dict, batch: di
     folder.mkdir(parents=True, exist_ok=True)
     network, images, labels = model.network, batch["image"], batch["labels"]
     predicted = nets.probabilities(network, variables, images).argmax(-1)
-    written = [
-        plots.examples(folder / "examples.png", images[..., 0], labels, predicted),
+    written = [plots.examples(folder / "examples.png", images[..., 0], labels, predicted)]
+    notes = []
+    looked = nets.where_looked(network, variables, images)
+    if looked:
+        written.append(plots.where_looked(folder / "where_looked.png", images[..., 0], labels, *looked))
+    else:
+        notes.append("where_looked.png skipped: this network's reader does not look for its digits (no Attend)")
+    written += [
         plots.per_position(folder / "per_position.png", figures),
         plots.confusion(folder / "confusion.png", figures["confusion"]),
     ]
-    notes = []
     records = model.workdir.read_metrics() if model.workdir else []
     if records:
         written.append(plots.training_curves(folder / "training_curves.png", records))

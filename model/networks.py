@@ -396,6 +396,7 @@ class Network(nn.Module):
         hidden = nn.Dense(layer.hidden, kernel_init=_GLOROT, name=f"{layer.name}_locator")(summary.reshape(batch, -1))
         scores = nn.Dense(self.positions * width, kernel_init=_GLOROT, name=f"{layer.name}_where")(nn.relu(hidden))
         weights = jax.nn.softmax(scores.reshape(batch, self.positions, width), axis=-1)  # [B, K, W]
+        self.sow("intermediates", "where", weights)  # where each position looks (`where_looked`)
         # Offset o of position k's window is column i weighted by the weight of the centre i - o + o₀
         # (o₀ = window // 2): the weights shifted once per offset, then one matrix product with the columns.
         window, centre = layer.window, layer.window // 2
@@ -496,6 +497,26 @@ def read_in_batches(network: Network, variables: dict, images: np.ndarray) -> np
             chunk = np.concatenate([chunk, np.zeros((padded - len(chunk), *chunk.shape[1:]), chunk.dtype)])
         parts.append(probabilities(network, variables, chunk)[: min(READ_BATCH, len(images) - start)])
     return np.concatenate(parts) if parts else np.zeros((0, network.positions, 11), np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_where(network: Network) -> Callable:
+    def apply(variables, images):
+        logits, state = network.apply(variables, to_input(images), train=False, mutable=["intermediates"])
+        return jax.nn.softmax(logits), jax.tree.leaves(state["intermediates"])[0]
+
+    return jax.jit(apply)
+
+
+def where_looked(network: Network, variables: dict, images: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Images uint8 [B, H, W, 1] → (class probabilities [B, positions, 11], the weights each position
+    of the reader (`Attend`) gives the feature columns [B, positions, columns]: where it looked; of an
+    ensemble, its first member's). None for a network without that reader."""
+    if not any(isinstance(layer, Attend) for layer in network.layers):
+        return None
+    probabilities, weights = _jitted_where(network)(variables, images)
+    weights = np.asarray(weights)
+    return np.asarray(probabilities), weights[0] if network.members > 1 else weights
 
 
 def first_activations(network: Network, variables: dict, images: np.ndarray) -> np.ndarray:

@@ -63,6 +63,53 @@ def examples(path: Path, images: np.ndarray, labels: np.ndarray, predicted: np.n
     return _save(figure, path)
 
 
+_POSITION_COLOURS = ("#e53935", "#fb8c00", "#43a047", "#1e88e5", "#8e24aa", "#6d4c41", "#00897b", "#546e7a")
+
+
+def where_looked(
+    path: Path, images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, weights: np.ndarray, count: int = 8
+) -> Path:
+    """Test images [N, H, W] and, under each, where every position of the reader looked: its weights over
+    the feature columns [N, K, C] as one curve per position, each labelled with the digit it read and how
+    sure it was. Mistakes first (titles in red)."""
+    predicted = probabilities.argmax(-1)
+    wrong = np.flatnonzero(np.any(labels != predicted, axis=1))
+    right = np.flatnonzero(np.all(labels == predicted, axis=1))
+    shown = np.concatenate([wrong[: count // 2], right])[:count]
+    height, width = images.shape[1:3]
+    positions, columns = weights.shape[1:]
+    figure = Figure(figsize=(13, 2.1 * len(shown) + 0.6), layout="constrained")
+    figure.suptitle(
+        "where each position looked: its weights over the image's feature columns (one curve per position), "
+        "and what it read"
+    )
+    grid = figure.add_gridspec(2 * len(shown), 1, height_ratios=[1.3, 0.9] * len(shown))
+    x = (np.arange(columns) + 0.5) * width / columns  # a feature column's centre, in image pixels
+    for row, index in enumerate(shown):
+        picture = figure.add_subplot(grid[2 * row])
+        picture.imshow(images[index], cmap="gray", vmin=0, vmax=255, interpolation="nearest", aspect="auto")
+        mistake = index in wrong
+        picture.set_title(
+            f"true {sequence_text(labels[index])} / read {sequence_text(predicted[index])}",
+            color=_WRONG if mistake else _RIGHT, fontsize=9, loc="left",
+        )  # fmt: skip
+        picture.set_axis_off()
+        curves = figure.add_subplot(grid[2 * row + 1], sharex=picture)
+        for k in range(positions):
+            colour = _POSITION_COLOURS[k % len(_POSITION_COLOURS)]
+            read = predicted[index, k]
+            sure = probabilities[index, k, read]
+            name = "blank" if read == BLANK else str(read)
+            curves.plot(x, weights[index, k], color=colour, label=f"pos {k + 1}: {name} ({sure:.0%})")
+            curves.fill_between(x, weights[index, k], color=colour, alpha=0.15)
+        curves.set_xlim(-0.5, width - 0.5)
+        curves.set_ylim(0, max(weights[index].max() * 1.1, 1e-3))
+        curves.set_yticks([])
+        curves.tick_params(labelsize=7)
+        curves.legend(fontsize=7, ncol=positions, loc="upper right", frameon=False)
+    return _save(figure, path)
+
+
 def _bars(axes, names: list[str], values: list[float], colour: str) -> None:
     bars = axes.bar(names, values, color=colour)
     axes.bar_label(bars, labels=[f"{v:.2%}" for v in values], fontsize=8, padding=2)

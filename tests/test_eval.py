@@ -15,7 +15,7 @@ from model.checkpoints import BEST_METRIC, Checkpoints
 
 pytestmark = pytest.mark.slow  # they read a model trained for them (the trained_workdir fixture)
 
-PLOTS = ("examples", "per_position", "confusion", "training_curves", "filters", "activations")
+PLOTS = ("examples", "where_looked", "per_position", "confusion", "training_curves", "filters", "activations")
 
 
 @pytest.fixture(scope="module")
