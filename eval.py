@@ -57,7 +57,7 @@ def test_batches(
             for i in range(0, len(images), BATCH)
         )
         return batches, len(images)
-    config = SequenceConfig.delivering(positions, image_shape, layout=layout)
+    config = SequenceConfig.delivering(positions, image_shape, layout=layout, distortions=args.distortions)
     pool = load_pool("test", args.data_dir, args.mnist_dir)
     data = eval_batches(pool, config, num_examples=args.examples, batch_size=BATCH, seed=args.seed)
     return numpy_batches(data), args.examples
@@ -101,6 +101,11 @@ def main() -> None:
         help=f"the test sequences' layout: {flags.LAYOUT_HELP} (default: the one the model reads: cells for a "
         "model trained on cells, else free)",
     )  # fmt: skip
+    parser.add_argument(
+        "--distortions", type=flags.distortion_names, default=(), metavar="NAMES",
+        help="build the test sequences of MNIST test digits as other pens, hands and paper would have written "
+        f"them: {flags.distortions_help('(default: none: MNIST test digits as they are)').split(': ', 1)[1]}",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument(
         "--plots", type=Path, metavar="DIR",
@@ -110,6 +115,8 @@ def main() -> None:
     )  # fmt: skip
     flags.add_data_flags(parser)
     args = parser.parse_args()
+    if args.data and args.distortions:
+        parser.error("--distortions builds test sequences; a --data file is evaluated as it is")
 
     model = trained.from_weights(args.weights) if args.weights else trained.from_workdir(args.workdir, args.checkpoint)
     network, image_shape = model.network, model.image_shape
@@ -126,9 +133,11 @@ def main() -> None:
     figures["examples_per_s"] = figures["num_examples"] / seconds
     figures["model"] = model.description
     figures["layout"] = layout  # of the test sequences (None: a --data file's, whatever it is)
-    built = f"{args.examples} sequences of MNIST test digits, seed {args.seed}"
+    figures["distortions"] = list(args.distortions)
+    drawn = f", drawn with {', '.join(args.distortions)}" if args.distortions else ""
+    built = f"{args.examples} sequences of MNIST test digits{drawn}, seed {args.seed}"
     figures["data"] = str(args.data) if args.data else built
-    print(f"{model.description} on {args.data or f'{layout}-layout sequences of MNIST test digits'}")
+    print(f"{model.description} on {args.data or f'{layout}-layout sequences of MNIST test digits{drawn}'}")
     print(report_table(figures))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

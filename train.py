@@ -47,9 +47,9 @@ from pipeline.sequences import SequenceConfig, eval_batches, numpy_batches, nump
 
 PROG = "train.py"
 EVAL_BATCH = 1000
-# What a workdir's config.json means by a key it lacks: it was written before ensembles (one network)
-# and layouts (cells) existed.
-RECORDED_BEFORE = {"ensemble": 1, "layout": "cells"}
+# What a workdir's config.json means by a key it lacks: it was written before ensembles (one network),
+# layouts (cells) and distortions (none) existed.
+RECORDED_BEFORE = {"ensemble": 1, "layout": "cells", "distortions": []}
 
 
 def _rerun(reason: str) -> str:
@@ -104,8 +104,11 @@ class Run:
         self.eval_batch = math.ceil(EVAL_BATCH / devices) * devices
         self.main = distributed.is_main()
 
-        self.sequences = SequenceConfig.delivering(config.max_digits, self.image_shape, config.augment, config.layout)
-        self.val_sequences = dataclasses.replace(self.sequences, augment=False)  # validation is never augmented
+        self.sequences = SequenceConfig.delivering(
+            config.max_digits, self.image_shape, config.augment, config.layout, config.distortions
+        )
+        # Validation is never augmented nor distorted: it chooses checkpoints for MNIST's own hand.
+        self.val_sequences = dataclasses.replace(self.sequences, augment=False, distortions=())
         self._prepare_workdir(resume)
         self.train_pool = load_pool("train", data_dir, mnist_dir)
         self.val_pool = load_pool(config.validate_on, data_dir, mnist_dir)
@@ -164,6 +167,7 @@ class Run:
     def _config_json(self) -> dict:
         out = dataclasses.asdict(self.config)
         out["image_size"] = list(self.image_shape)
+        out["distortions"] = list(self.config.distortions)
         out["layers"] = nets.layers_to_json(self.network.layers)
         out["devices"] = jax.device_count()
         out["processes"] = jax.process_count()
@@ -503,6 +507,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         def word(value) -> str:
             if isinstance(value, bool):
                 return "on" if value else "off"
+            if isinstance(value, tuple):
+                return ",".join(value) or "none"
             return ("streaming" if name == "train_examples" else "none") if value is None else str(value)
 
         values = {preset: word(getattr(r, name)) for preset, r in RECIPES.items()}
@@ -580,8 +586,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"{CHECKPOINT_MINUTES:g} min of wall time); also saved at every epoch end and on Ctrl-C, SIGTERM or SIGHUP",
     )  # fmt: skip
     flags.add_data_flags(parser)
-    flags.add_sequence_flags(parser, layout_default=recipe("layout"))
-    parser.set_defaults(max_digits=None, layout=None)  # the recipe's
+    flags.add_sequence_flags(parser, layout_default=recipe("layout"), distortions_default=recipe("distortions"))
+    parser.set_defaults(max_digits=None, layout=None, distortions=None)  # the recipe's
     group = parser.add_argument_group(
         "many processes (jax.distributed)",
         "Start one train.py per host (or per device group), each with the same flags and its own "

@@ -1,11 +1,13 @@
 """Input throughput: sequences/s the tf.data pipeline delivers to Python as NumPy arrays.
 
-    python -m pipeline.benchmark [--image-size 64x64] [--augment] [--threads N]
+    python -m pipeline.benchmark [--distortions all] [--image-size 64x64] [--augment] [--threads N]
 
 Measures what a training loop consumes (uint8 batches as NumPy, after warm-up, several timed
-repeats, median) for each layout — cells, free and mixed, their repeats taken in turn so that the
+repeats, median) for each layout — cells, free and mixed, and the free and mixed layouts drawn with
+the distortions named (all by default; `pipeline.distort`), their repeats taken in turn so that the
 machine's drift falls on all alike — and, in the same run, the 2017 notebook's way: a Python loop
-that stitches one example at a time. The last line is one JSON object.
+that stitches one example at a time. It also times making the distorted versions of the training
+pool's digits, which a process does once. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import flags
+from pipeline import distort, flags
 from pipeline.mnist import DigitPool, load_pool
 from pipeline.sequences import BLANK, LAYOUTS, TILE, SequenceConfig, numpy_batches, train_batches
 
@@ -113,13 +115,21 @@ def main(argv: list[str] | None = None) -> None:
         default=5000,
         help="examples per notebook-loop repeat (default: 5000)",
     )
-    flags.add_sequence_flags(parser, with_layout=False)
+    flags.add_sequence_flags(parser, with_layout=False, distortions_default="(default: all)")
     flags.add_data_flags(parser)
+    parser.set_defaults(distortions=distort.DISTORTIONS)
     args = parser.parse_args(argv)
-    config = flags.sequence_config(args, augment=args.augment)
+    config = dataclasses.replace(flags.sequence_config(args, augment=args.augment), distortions=())
     pool = load_pool("train", args.data_dir, args.mnist_dir)
 
     configs = {layout: dataclasses.replace(config, layout=layout) for layout in LAYOUTS}
+    versions_s = None
+    if args.distortions:
+        started = time.perf_counter()
+        distort.pool_versions(pool, args.distortions)  # made once per process; the streams below share them
+        versions_s = time.perf_counter() - started
+        for layout in ("free", "mixed"):
+            configs[f"{layout}+distorted"] = dataclasses.replace(config, layout=layout, distortions=args.distortions)
     tfdata = time_tfdata(pool, configs, args)
     baseline = time_baseline(pool, config, args)
     rates = {layout: statistics.median(runs) for layout, runs in tfdata.items()}
@@ -128,6 +138,10 @@ def main(argv: list[str] | None = None) -> None:
         "tfdata_seq_per_s": round(tfdata_rate),  # the cell layout's, which the notebook loop builds too
         "free_seq_per_s": round(rates["free"]),
         "mixed_seq_per_s": round(rates["mixed"]),
+        "free_distorted_seq_per_s": round(rates["free+distorted"]) if args.distortions else None,
+        "mixed_distorted_seq_per_s": round(rates["mixed+distorted"]) if args.distortions else None,
+        "distortions": list(args.distortions),
+        "versions_s": None if versions_s is None else round(versions_s, 2),
         "baseline_loop_seq_per_s": round(baseline_rate),
         "speedup": round(tfdata_rate / baseline_rate, 1),
         "batch_size": args.batch_size,
@@ -141,10 +155,16 @@ def main(argv: list[str] | None = None) -> None:
         "baseline_runs": [round(r) for r in baseline],
     }
     shape = "x".join(map(str, config.image_shape))
+    distorted = ""
+    if args.distortions:
+        distorted = (
+            f"; distorted ({', '.join(args.distortions)}): {rates['free+distorted']:,.0f} free, "
+            f"{rates['mixed+distorted']:,.0f} mixed (the pool's versions made once, in {versions_s:.1f} s)"
+        )
     print(
         f"{shape}{' augmented' if args.augment else ''}, batch {args.batch_size}, {result['threads']} threads: "
-        f"tf.data {tfdata_rate:,.0f} seq/s in cells, {rates['free']:,.0f} free, {rates['mixed']:,.0f} mixed; "
-        f"notebook loop (cells) {baseline_rate:,.0f} seq/s, {result['speedup']}x"
+        f"tf.data {tfdata_rate:,.0f} seq/s in cells, {rates['free']:,.0f} free, {rates['mixed']:,.0f} mixed"
+        f"{distorted}; notebook loop (cells) {baseline_rate:,.0f} seq/s, {result['speedup']}x"
     )
     print(json.dumps(result))
 

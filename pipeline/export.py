@@ -151,8 +151,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--preview must name a file ending in .png, not {str(args.preview)!r}")
     images, labels = build(args)
     what = f"{len(images)} {args.layout}-layout sequences {images.shape[1]}x{images.shape[2]} from MNIST {args.split}"
+    if args.distortions:
+        what += f" (distorted: {','.join(args.distortions)})"
     if args.out is not None:
         attrs = {"split": args.split, "seed": args.seed, "max_digits": args.max_digits, "layout": args.layout}
+        attrs["distortions"] = ",".join(args.distortions) or "none"
         write(args.out, images, labels, attrs)
         print(f"wrote {what} to {args.out}")
     if args.preview is not None:

@@ -57,6 +57,23 @@ def whole_number(text: str) -> int:
     return int(text)
 
 
+def distortion_names(text: str) -> tuple[str, ...]:
+    """argparse type: 'thickness,blur' → ('thickness', 'blur'); 'all' → every distortion; 'none' → ()."""
+    from pipeline.distort import DISTORTIONS
+
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    if names == ["all"]:
+        return DISTORTIONS
+    if names in (["none"], []):
+        return ()
+    unknown = [name for name in names if name not in DISTORTIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown distortion {unknown[0]!r}: name some of {', '.join(DISTORTIONS)}, or all, or none"
+        )
+    return tuple(name for name in DISTORTIONS if name in names)
+
+
 def positive_minutes(text: str) -> float:
     """argparse type: a positive, finite number of minutes."""
     try:
@@ -89,12 +106,28 @@ LAYOUT_HELP = (
 )
 
 
+def distortions_help(default: str) -> str:
+    from pipeline.distort import DISTORTIONS
+
+    return (
+        "the digits as other pens, hands and paper would have written them: a comma-separated list of "
+        f"{', '.join(DISTORTIONS)}; or all, or none (see pipeline/distort.py) {default}"
+    )
+
+
 def add_sequence_flags(
-    parser: argparse.ArgumentParser, layout_default: str = "(default: cells)", with_layout: bool = True
+    parser: argparse.ArgumentParser,
+    layout_default: str = "(default: cells)",
+    with_layout: bool = True,
+    distortions_default: str = "(default: none)",
 ) -> None:
     group = parser.add_argument_group("sequences")
     if with_layout:
         group.add_argument("--layout", choices=LAYOUTS, default="cells", help=f"{LAYOUT_HELP} {layout_default}")
+    group.add_argument(
+        "--distortions", type=distortion_names, default=(), metavar="NAMES",
+        help=distortions_help(distortions_default),
+    )  # fmt: skip
     group.add_argument(
         "--max-digits", type=positive_int, default=5, help="longest sequence and number of positions (default: 5)"
     )
@@ -109,7 +142,7 @@ def add_sequence_flags(
 
 def sequence_config(args: argparse.Namespace, augment: bool = False) -> SequenceConfig:
     layout = getattr(args, "layout", "cells")
-    return SequenceConfig(max_digits=args.max_digits, image_size=args.image_size, augment=augment, layout=layout)
+    return SequenceConfig(args.max_digits, args.image_size, augment, layout, args.distortions)
 
 
 def run(main: Callable[[], None], prog: str) -> None:

@@ -49,20 +49,26 @@ def ink_boxes(tiles: np.ndarray) -> np.ndarray:
 
 
 def geometry(
-    boxes: tf.Tensor, length: tf.Tensor, uniforms: tf.Tensor, canvas_width: int, frame_uniforms: tf.Tensor | None
+    boxes: tf.Tensor,
+    length: tf.Tensor,
+    uniforms: tf.Tensor,
+    canvas_width: int,
+    frame_uniforms: tf.Tensor | None,
+    tilt: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Where each digit of a free-layout sequence goes on the framed canvas.
 
     boxes [b, K, 6] (`ink_boxes` of the digits), length [b], uniforms [b, K, 3] in [0, 1);
-    frame_uniforms [b, 3] jitter the frame (augmentation) or None. Returns scale, top and left
-    [b, K] of each digit's ink box on the canvas; digits after the length lie past its right edge.
+    frame_uniforms [b, 3] jitter the frame (augmentation) or None; tilt [b] turns the baseline the
+    digits stand on by that many radians (a distortion: `pipeline.distort`), or None. Returns scale,
+    top and left [b, K] of each digit's ink box on the canvas; digits after the length lie past its
+    right edge.
     """
     positions = boxes.shape[1]
     valid = tf.range(positions)[None, :] < length[:, None]
     size = 1.0 + SIZE_SPREAD * (2.0 * uniforms[..., 0] - 1.0)
     height, width = boxes[..., 2] * size, boxes[..., 3] * size
     bottom = BASELINE_SHIFT * (2.0 * uniforms[..., 1] - 1.0)
-    top = bottom - height
     low, high = GAP_RANGE
     gap = (low + (high - low) * uniforms[..., 2]) * (height + tf.roll(height, 1, axis=1)) / 2
     gap = tf.maximum(gap, -MAX_OVERLAP * tf.minimum(width, tf.roll(width, 1, axis=1)))
@@ -75,6 +81,9 @@ def geometry(
             left = tf.maximum(left, lefts[k - 2] + reach_after[:, k - 2] + SEPARATION + reach_before[:, k])
         lefts.append(left)
     left = tf.stack(lefts, axis=1)
+    if tilt is not None:
+        bottom += tf.tan(tilt)[:, None] * (left + width / 2)
+    top = bottom - height
 
     far = tf.float32.max
     ink_right = tf.reduce_max(tf.where(valid, left + width, -far), axis=1)

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow as tf
 
-from pipeline import free
+from pipeline import distort, free
 from pipeline.hashing import below, hash_words, uniform
 from pipeline.mnist import DigitPool
 
@@ -42,7 +42,7 @@ LAYOUTS = ("cells", "free", "mixed")
 CELLS_IN_MIXED = 0.25  # share of cell-layout sequences in the mixed layout
 
 # Salts that keep the independent random streams of one seed apart.
-_SET, _STREAM, _SHIFT, _EPOCH, _GEOMETRY, _LAYOUT, _FRAME = 1, 2, 3, 4, 5, 6, 7
+_SET, _STREAM, _SHIFT, _EPOCH, _GEOMETRY, _LAYOUT, _FRAME, _DISTORT, _VERSION, _TILT = range(1, 11)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,16 +54,22 @@ class SequenceConfig:
     augment: (train data only) in cells, shift every digit independently by up to ±2 px each way;
         in the free layout, jitter the frame (scale ± 5 %, position ± 1 px).
     layout: "cells", "free" or "mixed" (see the module's note).
+    distortions: other pens, hands and paper (`pipeline.distort.DISTORTIONS`), each sequence its own.
     """
 
     max_digits: int = 5
     image_size: tuple[int, int] | None = None
     augment: bool = False
     layout: str = "cells"
+    distortions: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}: choose one of {', '.join(LAYOUTS)}")
+        unknown = [name for name in self.distortions if name not in distort.DISTORTIONS]
+        if unknown:
+            raise ValueError(f"unknown distortion {unknown[0]!r}: choose from {', '.join(distort.DISTORTIONS)}")
+        object.__setattr__(self, "distortions", tuple(n for n in distort.DISTORTIONS if n in self.distortions))
         if isinstance(self.max_digits, bool) or not isinstance(self.max_digits, int) or self.max_digits < 1:
             raise ValueError(f"max digits must be a whole number of at least 1, not {self.max_digits!r}")
         if self.image_size is not None:
@@ -74,11 +80,17 @@ class SequenceConfig:
 
     @classmethod
     def delivering(
-        cls, max_digits: int, image_shape: tuple[int, int], augment: bool = False, layout: str = "cells"
+        cls,
+        max_digits: int,
+        image_shape: tuple[int, int],
+        augment: bool = False,
+        layout: str = "cells",
+        distortions: tuple[str, ...] = (),
     ) -> SequenceConfig:
         """The config whose images are (height, width) = image_shape: native when that is native, else resized."""
         native = (TILE, TILE * max_digits)
-        return cls(max_digits, None if tuple(image_shape) == native else tuple(image_shape), augment, layout)
+        size = None if tuple(image_shape) == native else tuple(image_shape)
+        return cls(max_digits, size, augment, layout, tuple(distortions))
 
     @property
     def image_shape(self) -> tuple[int, int]:
@@ -140,8 +152,15 @@ class _Builder:
         self.config = config
         self.seed = seed
         self.pool_size = len(pool)
-        tiles = np.concatenate([pool.images, np.zeros((1, TILE, TILE), np.uint8)])  # the last is blank
-        if config.layout != "cells":
+        # The cell layout is stitched from whole rows of tiles; with distortions it goes through the
+        # free renderer instead (a cell is a free digit placed in its cell), as the cells of `mixed` do.
+        self.stitched = config.layout == "cells" and not config.distortions
+        self.distorter = distort.Distorter(config.distortions)
+        self.variants = distort.VARIANTS if config.distortions else 1
+        versions = distort.pool_versions(pool, config.distortions) if config.distortions else pool.images[None]
+        blank = np.zeros((len(versions), 1, TILE, TILE), np.uint8)
+        tiles = np.concatenate([versions, blank], axis=1).reshape(-1, TILE, TILE)  # each version, then a blank
+        if not self.stitched:
             self.boxes = tf.constant(free.ink_boxes(tiles))
         elif config.augment:
             # Horizontally shifted copies of every tile, so that a shift is only another row
@@ -159,38 +178,54 @@ class _Builder:
         self.labels = tf.constant(np.concatenate([pool.labels, [BLANK]]).astype(np.int32))
 
     @tf.function(jit_compile=True, autograph=False)
-    def draw(self, keys: tf.Tensor, shift_keys: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+    def draw(
+        self, keys: tf.Tensor, shift_keys: tf.Tensor | None = None, distort_keys: tf.Tensor | None = None
+    ) -> dict[str, tf.Tensor]:
         """keys [b] → the random choices: "digits" [b, K] (pool indices; blank = pool size after the
-        length); for cells with augmentation "shifts" [b, K, 2]; for the free and mixed layouts the
-        digits' "boxes" [b, K, 6] (`free.ink_boxes`) and their "scale", "top", "left" [b, K]."""
+        length) and "tiles" [b, K] (the version of each digit drawn: `pipeline.distort`); stitched cells
+        with augmentation: "shifts" [b, K, 2]; every other layout: the digits' "boxes" [b, K, 6]
+        (`free.ink_boxes`) and their "scale", "top", "left" [b, K]. shift_keys and distort_keys [b]:
+        the keys of augmentation and distortions (None: none)."""
         k, layout = self.config.max_digits, self.config.layout
         draws = hash_words(keys[:, None], tf.range(k + 1))
         length = 1 + below(draws[:, 0], k)
         digits = tf.where(tf.range(k) < length[:, None], below(draws[:, 1:], self.pool_size), self.pool_size)
+        tiles = digits
+        if distort_keys is not None:  # one of the digit's versions, MNIST's own (0) among them
+            version = below(hash_words(distort_keys[:, None], _VERSION, tf.range(k)), self.variants)
+            tiles = version * (self.pool_size + 1) + digits
         shifts = None
         if shift_keys is not None:
             s = AUGMENT_MAX_SHIFT
             shifts = below(hash_words(shift_keys[:, None, None], tf.range(k)[:, None], tf.range(2)), 2 * s + 1) - s
-        if layout == "cells":
-            return {"digits": digits} if shifts is None else {"digits": digits, "shifts": shifts}
-        boxes = tf.gather(self.boxes, digits)
+        if self.stitched:
+            drawn = {"digits": digits, "tiles": tiles}
+            return drawn if shifts is None else {**drawn, "shifts": shifts}
+        boxes = tf.gather(self.boxes, tiles)
         words = hash_words(keys[:, None, None], _GEOMETRY, tf.range(k)[:, None], tf.range(free.UNIFORMS_PER_DIGIT))
         jitter = None
         if shift_keys is not None:
             jitter = uniform(hash_words(shift_keys[:, None], _FRAME, tf.range(free.UNIFORMS_PER_FRAME)))
-        placed = free.geometry(boxes, length, uniform(words), TILE * k, jitter)
-        if layout == "mixed":
-            in_cells = (uniform(hash_words(keys, _LAYOUT)) < CELLS_IN_MIXED)[:, None]
+        tilt = None
+        if distort_keys is not None and "rotation" in self.config.distortions:
+            tilt = distort.ROTATION * (2 * uniform(hash_words(distort_keys, _TILT)) - 1)
+        if layout != "cells":
+            placed = free.geometry(boxes, length, uniform(words), TILE * k, jitter, tilt)
+        if layout != "free":
             cells = free.cell_geometry(boxes, length, shifts, TILE * k)
-            placed = [tf.where(in_cells, c, f) for c, f in zip(cells, placed, strict=True)]
+            if layout == "cells":
+                placed = cells
+            else:
+                in_cells = (uniform(hash_words(keys, _LAYOUT)) < CELLS_IN_MIXED)[:, None]
+                placed = [tf.where(in_cells, c, f) for c, f in zip(cells, placed, strict=True)]
         scale, top, left = placed
-        return {"digits": digits, "boxes": boxes, "scale": scale, "top": top, "left": left}
+        return {"digits": digits, "tiles": tiles, "boxes": boxes, "scale": scale, "top": top, "left": left}
 
     # Separate XLA functions from `draw` and from each other: fused, XLA recomputes the hashes for
     # every row, and gathers every element of the column pass's transpose alone.
     @tf.function(jit_compile=True, autograph=False)
     def stitch(self, digits: tf.Tensor, shifts: tf.Tensor | None = None) -> tf.Tensor:
-        """The cell layout: digits [b, K] → image uint8 [b, 28, 28·K, 1]."""
+        """The cell layout: digits [b, K] (their tiles) → image uint8 [b, 28, 28·K, 1]."""
         row = tf.range(TILE)[None, :, None]
         if shifts is None:
             index = digits[:, None, :] * TILE + row  # [b, 28, K]: row r of every cell
@@ -205,8 +240,8 @@ class _Builder:
 
     @tf.function(jit_compile=True, autograph=False)
     def resample_rows(self, drawn: dict[str, tf.Tensor]) -> tf.Tensor:
-        digits, boxes, scale, top = drawn["digits"], drawn["boxes"], drawn["scale"], drawn["top"]
-        return free.resample_rows(self.rows, self.zero_row, digits, boxes, scale, top)
+        tiles, boxes, scale, top = drawn["tiles"], drawn["boxes"], drawn["scale"], drawn["top"]
+        return free.resample_rows(self.rows, self.zero_row, tiles, boxes, scale, top)
 
     @tf.function(jit_compile=True, autograph=False)
     def pack_columns(self, resampled: tf.Tensor) -> tf.Tensor:
@@ -219,8 +254,8 @@ class _Builder:
 
     def lay_out(self, drawn: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         """The choices of `draw` → image uint8 [b, 28, 28·K, 1], labels int32 [b, K]."""
-        if self.config.layout == "cells":
-            image = self.stitch(drawn["digits"], drawn.get("shifts"))
+        if self.stitched:
+            image = self.stitch(drawn["tiles"], drawn.get("shifts"))
         else:
             image = self.resample_columns(self.pack_columns(self.resample_rows(drawn)), drawn)
         return {"image": image, "labels": tf.gather(self.labels, drawn["digits"])}
@@ -229,9 +264,17 @@ class _Builder:
     def resize(self, image: tf.Tensor) -> tf.Tensor:
         return resize(image, self.config.image_size)
 
-    def build(self, keys: tf.Tensor, shift_keys: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
-        """keys [b] → image uint8 [b, H, W, 1], labels int32 [b, K]."""
-        batch = self.lay_out(self.draw(keys, shift_keys))
+    def build(
+        self, keys: tf.Tensor, shift_keys: tf.Tensor | None = None, distort_keys: tf.Tensor | None = None
+    ) -> dict[str, tf.Tensor]:
+        """keys [b] → image uint8 [b, H, W, 1], labels int32 [b, K]. shift_keys, distort_keys [b]: training's
+        keys for augmentation and distortions (each step its own); without them a fixed set's sequence is
+        distorted by its own key."""
+        if self.config.distortions and distort_keys is None:
+            distort_keys = hash_words(keys, _DISTORT)
+        batch = self.lay_out(self.draw(keys, shift_keys, distort_keys))
+        if "noise" in self.config.distortions:
+            batch = {**batch, "image": self.distorter.grain(batch["image"], distort_keys)}
         if self.config.image_size is None:
             return batch
         return {**batch, "image": self.resize(batch["image"])}
@@ -321,7 +364,8 @@ def train_batches(
             )
             keys = builder.set_keys(members)
         shift_keys = hash_words(seed, _SHIFT, steps, columns) if config.augment else None
-        flat = builder.build(tf.reshape(keys, [-1]), None if shift_keys is None else tf.reshape(shift_keys, [-1]))
+        distort_keys = hash_words(seed, _DISTORT, steps, columns) if config.distortions else None
+        flat = builder.build(*(None if k is None else tf.reshape(k, [-1]) for k in (keys, shift_keys, distort_keys)))
         return {name: tf.reshape(t, [steps_per_call, per_shard, *t.shape[1:]]) for name, t in flat.items()}
 
     calls = tf.data.Dataset.range(start_step, 2**62, steps_per_call)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, command
 
+from pipeline.distort import DISTORTIONS
 from pipeline.sequences import SequenceConfig, eval_batches, numpy_batches
 
 
@@ -19,21 +20,26 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "suffix,size,layout", [(".npz", None, "cells"), (".h5", "64x64", "cells"), (".npz", None, "free")]
-)
-def test_export_writes_the_eval_set(tmp_path, pools, suffix, size, layout):
+    "suffix,size,layout,distortions",
+    [(".npz", None, "cells", ()), (".h5", "64x64", "cells", ()), (".npz", None, "free", ()),
+     (".npz", None, "mixed", DISTORTIONS)],
+)  # fmt: skip
+def test_export_writes_the_eval_set(tmp_path, pools, suffix, size, layout, distortions):
     out = tmp_path / f"test{suffix}"
     extra = ["--image-size", size] if size else []
+    extra += ["--distortions", ",".join(distortions)] if distortions else []
     flags = ["--examples", "300", "--seed", "5", "--layout", layout, "--out", str(out), *extra]
     result = run("pipeline.export", "--split", "test", *flags)
     assert result.returncode == 0, result.stderr
+    assert ("(distorted: " in result.stdout) == bool(distortions)
     if suffix == ".h5":
         with h5py.File(out) as f:
             images, labels = f["images"][:], f["labels"][:]
+            assert f.attrs["layout"] == layout and f.attrs["distortions"] == "none"
     else:
         with np.load(out) as f:
             images, labels = f["images"], f["labels"]
-    config = SequenceConfig(image_size=(64, 64) if size else None, layout=layout)
+    config = SequenceConfig(image_size=(64, 64) if size else None, layout=layout, distortions=distortions)
     expected = list(numpy_batches(eval_batches(pools["test"], config, num_examples=300, batch_size=300, seed=5)))[0]
     assert images.dtype == np.uint8 and labels.dtype == np.int32
     assert images.shape == (300, *config.image_shape) and labels.shape == (300, 5)
@@ -97,6 +103,8 @@ def test_benchmark_prints_json_last(mnist_dir):
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["tfdata_seq_per_s"] > 0 and figures["baseline_loop_seq_per_s"] > 0
     assert figures["free_seq_per_s"] > 0 and figures["mixed_seq_per_s"] > 0 and len(figures["tfdata_runs"]["free"]) == 2
+    assert figures["free_distorted_seq_per_s"] > 0 and figures["mixed_distorted_seq_per_s"] > 0
+    assert figures["distortions"] == list(DISTORTIONS) and figures["versions_s"] > 0
     assert figures["batch_size"] == 64 and figures["image_shape"] == [28, 140] and figures["threads"] == 1
     assert figures["speedup"] == pytest.approx(
         figures["tfdata_seq_per_s"] / figures["baseline_loop_seq_per_s"], rel=0.01

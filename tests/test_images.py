@@ -161,8 +161,9 @@ def test_arrays_read_as_their_files_do(tmp_path, pools):
 def _on_paper(number: np.ndarray, ink=(25, 40, 150), paper=(240, 228, 190), light=None, grain=0.0, seed=0):
     """A white-on-black number → RGB float: ink on paper, 3× the size with wide margins, lit by `light`
     (a function of (rows, columns) in [0, 1] → brightness factor), with Gaussian grain."""
-    big = np.asarray(Image.fromarray(np.pad(number, ((20, 24), (15, 40)))).resize(
-        (3 * (number.shape[1] + 55), 3 * (number.shape[0] + 44)), Image.Resampling.BICUBIC), np.float32) / 255
+    padded = Image.fromarray(np.pad(number, ((20, 24), (15, 40))))
+    size = (3 * (number.shape[1] + 55), 3 * (number.shape[0] + 44))
+    big = np.asarray(padded.resize(size, Image.Resampling.BICUBIC), np.float32) / 255
     picture = np.array(paper, np.float32) * (1 - big[..., None]) + np.array(ink, np.float32) * big[..., None]
     rows, columns = np.mgrid[0 : big.shape[0], 0 : big.shape[1]]
     if light is not None:

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from conftest import tiles
 
-from pipeline import framing
+from pipeline import distort, framing
 from pipeline.hashing import hash_words
 from pipeline.sequences import (
     AUGMENT_MAX_SHIFT,
@@ -80,9 +80,16 @@ def test_lengths_and_digits_are_roughly_uniform(pools):
     assert np.all(np.abs(np.bincount(digits, minlength=10) / len(digits) - 0.1) < 0.02)
 
 
-@pytest.mark.parametrize("num_examples,layout", [(None, "cells"), (1000, "cells"), (None, "free"), (1000, "mixed")])
-def test_same_seed_same_bytes_other_seed_different(pools, num_examples, layout):
-    config = SequenceConfig(layout=layout, augment=True)
+ALL = distort.DISTORTIONS
+
+
+@pytest.mark.parametrize(
+    "num_examples,layout,distortions",
+    [(None, "cells", ()), (1000, "cells", ()), (None, "free", ()), (1000, "mixed", ()), (None, "mixed", ALL),
+     (1000, "cells", ALL)],
+)  # fmt: skip
+def test_same_seed_same_bytes_other_seed_different(pools, num_examples, layout, distortions):
+    config = SequenceConfig(layout=layout, augment=True, distortions=distortions)
 
     def stream(seed):
         return concat(
@@ -95,12 +102,13 @@ def test_same_seed_same_bytes_other_seed_different(pools, num_examples, layout):
 
 
 @pytest.mark.parametrize(
-    "num_examples,augment,start,layout",
-    [(None, False, 37, "cells"), (640, False, 23, "cells"), (None, True, 5, "cells"), (640, True, 61, "cells"),
-     (None, True, 45, "mixed"), (640, False, 29, "free")],
+    "num_examples,augment,start,layout,distortions",
+    [(None, False, 37, "cells", ()), (640, False, 23, "cells", ()), (None, True, 5, "cells", ()),
+     (640, True, 61, "cells", ()), (None, True, 45, "mixed", ()), (640, False, 29, "free", ()),
+     (None, True, 33, "mixed", ALL), (640, False, 21, "free", ALL)],
 )  # fmt: skip
-def test_resumed_stream_sees_the_batches_of_a_fresh_one(pools, num_examples, augment, start, layout):
-    config = SequenceConfig(augment=augment, layout=layout)
+def test_resumed_stream_sees_the_batches_of_a_fresh_one(pools, num_examples, augment, start, layout, distortions):
+    config = SequenceConfig(augment=augment, layout=layout, distortions=distortions)
 
     def stream(start_step):
         return train_batches(
@@ -113,9 +121,9 @@ def test_resumed_stream_sees_the_batches_of_a_fresh_one(pools, num_examples, aug
         assert a["image"].tobytes() == b["image"].tobytes() and np.array_equal(a["labels"], b["labels"])
 
 
-@pytest.mark.parametrize("layout", ["cells", "mixed"])
-def test_shards_make_the_same_global_batch(pools, layout):
-    config = SequenceConfig(layout=layout, augment=True)
+@pytest.mark.parametrize("layout,distortions", [("cells", ()), ("mixed", ()), ("mixed", ALL)])
+def test_shards_make_the_same_global_batch(pools, layout, distortions):
+    config = SequenceConfig(layout=layout, augment=True, distortions=distortions)
     whole = first(train_batches(pools["train"], config, batch_size=64, seed=2), 2)
     halves = [first(train_batches(pools["train"], config, batch_size=64, seed=2, shard=(i, 2)), 2) for i in range(2)]
     for step in range(2):
@@ -275,3 +283,89 @@ def test_mixed_lays_out_its_share_in_exact_cells(pools):
     cells, mixed = _eval_set(pools["test"], "cells", 2000), _eval_set(pools["test"], "mixed", 2000)
     same = np.array([a.tobytes() == b.tobytes() for a, b in zip(cells["image"], mixed["image"], strict=True)])
     assert abs(same.mean() - CELLS_IN_MIXED) < 0.03
+
+
+# --- distortions ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def versions(pools):
+    """Every distortion's versions of 600 validation digits, alone and all together: {name: [V, N, 28, 28]}."""
+    digits = pools["validation"].images[:600]
+    out = {name: distort.Distorter((name,)).variants(digits, seed=3) for name in distort.PER_DIGIT}
+    out["all"] = distort.Distorter(ALL).variants(digits, seed=3)
+    return out
+
+
+def _ink_area(images: np.ndarray) -> np.ndarray:
+    return (images > framing.INK_LEVEL).sum(axis=(-1, -2))
+
+
+def test_a_digits_first_version_is_mnists_own_the_others_its_own_each(pools, versions):
+    digits = pools["validation"].images[:600]
+    for name, made in versions.items():
+        assert made.shape == (distort.VARIANTS, *digits.shape) and made.dtype == np.uint8
+        assert np.array_equal(made[0], digits), name
+        changed = np.mean([np.mean(np.any(made[v] != digits, axis=(1, 2))) for v in range(1, distort.VARIANTS)])
+        assert changed > 0.9, (name, changed)
+        assert not np.array_equal(made[1], made[2])
+    again = distort.Distorter(ALL).variants(digits, seed=3)
+    assert np.array_equal(again, versions["all"])  # a function of the seed
+    assert not np.array_equal(distort.Distorter(ALL).variants(digits, seed=4)[1:], versions["all"][1:])
+
+
+def test_each_distortion_does_what_it_says(pools, versions):
+    digits = pools["validation"].images[:600].astype(float)
+    area = _ink_area(digits)
+    thick = _ink_area(versions["thickness"][1:]) / area
+    assert (thick > 1.3).mean() > 0.4 and (thick < 0.95).mean() > 0.05 and thick.max() > 2  # thicker, some thinner
+    blurred = versions["blur"][1:].astype(float)
+    steepest = np.abs(np.diff(blurred, axis=-1)).max(axis=(-1, -2))
+    sharpness = steepest / np.abs(np.diff(digits, axis=-1)).max(axis=(-1, -2))
+    assert np.median(sharpness) < 0.8 and blurred.max(axis=(-1, -2)).min() > 200  # softer; the strongest ink white
+    for name in ("slant", "rotation", "elastic"):  # the ink moves, and stays about as much ink
+        moved = versions[name][1:].astype(float)
+        assert np.mean(np.abs(moved - digits)) > 3, name
+        assert 0.85 < np.median(_ink_area(moved) / area) < 1.15, name
+    slanted = versions["slant"][1:].astype(float)
+    rows = np.arange(28)[:, None]
+    tops, bottoms = slanted[..., :10, :], slanted[..., 18:, :]
+    columns = np.arange(28)
+    lean = (tops * columns).sum((-1, -2)) / tops.sum((-1, -2)).clip(1) - (bottoms * columns).sum((-1, -2)) / (
+        bottoms.sum((-1, -2)).clip(1)
+    )
+    assert np.std(lean) > 1.0 and rows.size == 28  # the tops lean left of the bottoms in some, right in others
+
+
+def test_noise_is_grain_on_the_finished_sequence(pools):
+    clean = _eval_set(pools["test"], "free", 64, distortions=())
+    grainy = _eval_set(pools["test"], "free", 64, distortions=("noise",))
+    assert np.array_equal(clean["labels"], grainy["labels"])
+    difference = grainy["image"].astype(float) - clean["image"]
+    assert 2 < difference.std() < 12
+    paper = clean["image"] == 0
+    assert (grainy["image"][paper] > 0).mean() > 0.2  # the paper has grain; half of it is clipped at black
+
+
+def test_distorted_written_numbers_are_framed_by_the_framing_rule(pools):
+    """A thick-pen or turned number is framed by its own ink box, as a user's photo of it would be."""
+    images = _eval_set(pools["test"], "free", 300, distortions=ALL)["image"][..., 0]
+    framed = []
+    for image in images:
+        top, left, height, width = framing.ink_box(image)
+        framed.append(left in (3, 4, 5) and (height in (19, 20, 21) or width >= 129))
+    assert np.mean(framed) > 0.9
+
+
+def test_test_sets_are_mnists_own_unless_distortions_are_named(pools):
+    plain = _eval_set(pools["test"], "mixed", 200, distortions=())
+    assert np.array_equal(plain["image"], _eval_set(pools["test"], "mixed", 200)["image"])
+    distorted = _eval_set(pools["test"], "mixed", 200, distortions=ALL)
+    assert np.array_equal(distorted["labels"], plain["labels"])
+    assert np.mean(np.any(distorted["image"] != plain["image"], axis=(1, 2, 3))) > 0.9
+    assert np.array_equal(distorted["image"], _eval_set(pools["test"], "mixed", 200, distortions=ALL)["image"])
+
+
+def test_unknown_distortions_are_refused_clearly():
+    with pytest.raises(ValueError, match="unknown distortion 'smudge': choose from thickness, blur"):
+        SequenceConfig(distortions=("smudge",))

@@ -308,6 +308,7 @@ def test_two_processes_match_two_devices_in_one(tmp_path, mnist_dir):
         (["--time-budget", "inf"], "--time-budget: must be a positive number of minutes, not 'inf' (leave it out"),
         (["--num-processes", "2", "--process-id", "2"], "--process-id 2 must be below --num-processes 2"),
         (["--process-id", "-1"], "--process-id: expected a whole number ≥ 0, got '-1'"),
+        (["--distortions", "thickness,smudge"], "--distortions: unknown distortion 'smudge': name some of thickness"),
     ],
 )
 def test_bad_flags_get_one_line(tmp_path, monkeypatch, capsys, flags, message):
