@@ -76,9 +76,11 @@ def test_time_budget_stops_validated_and_saved(tmp_path, mnist_dir):
     assert keras_h5.read(workdir / "model.h5").layout == "mixed"
     # The default recipe's cosine schedule is planned over its epochs: continuing under others is refused.
     other = train(workdir, "--max-digits", "1", "--epochs", "3")
-    assert other.returncode == 2 and "holds a run trained with epochs=8" in other.stderr
+    assert other.returncode == 2 and f"holds a run trained with epochs={RECIPES['default'].epochs}" in other.stderr
     other = train(workdir, "--max-digits", "1", "--layout", "cells")
     assert other.returncode == 2 and "holds a run trained with layout='mixed'" in other.stderr
+    other = train(workdir, "--max-digits", "1", "--distortions", "none")
+    assert other.returncode == 2 and "holds a run trained with distortions=['thickness', 'blur'," in other.stderr
     # Another preset: the refusal alone, no note before it that the run would go on with its own network.
     other = train(workdir, "--max-digits", "1", "--preset", "seed")
     assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1, other.stderr
