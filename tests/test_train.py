@@ -296,6 +296,15 @@ def test_two_processes_match_two_devices_in_one(tmp_path, mnist_dir):
         assert off.max() <= 8 * 3e-3 and np.mean(off > 1e-4 * np.maximum(1, np.abs(a[name]))) < 1e-3, name
 
 
+def test_the_recipes_name_every_distortion_the_pipeline_draws():
+    # model/ cannot import pipeline/, so the recipes spell the names out; config.json records them as
+    # the recipe orders them, and resume compares them: the two lists must be the same, in order.
+    from model.recipes import DISTORTIONS as NAMED
+    from pipeline.distort import DISTORTIONS
+
+    assert NAMED == DISTORTIONS and RECIPES["default"].distortions == DISTORTIONS
+
+
 @pytest.mark.parametrize(
     "flags,message",
     [
