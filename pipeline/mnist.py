@@ -16,11 +16,13 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
+import json
 import os
 import shutil
 import socket
 import sys
 import urllib.parse
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -159,10 +161,30 @@ def _download_and_prepare(builder: tfds.core.DatasetBuilder, mnist_dir: str | No
 
 @functools.lru_cache(maxsize=6)
 def load_pool(split: str, data_dir: str | None = None, mnist_dir: str | None = None) -> DigitPool:
-    """Loads one pool of digits (`train`, `validation` or `test`) as NumPy arrays, once per process."""
+    """One pool of digits (`train`, `validation` or `test`) as NumPy arrays, once per process.
+
+    Decoding MNIST's records takes seconds; the three pools are kept decoded in TFDS's prepared folder
+    (POOLS_FILE), read back in milliseconds while the records they came from are unchanged."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     builder = prepare(data_dir, mnist_dir)
+    arrays = _kept_pools(builder, split)
+    if arrays is None:
+        decoded = {}
+        for name in SPLITS:
+            builder, decoded[name] = _decode(builder, name, data_dir, mnist_dir)
+        _keep_pools(builder, decoded)
+        arrays = decoded[split]
+    images, labels = arrays
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return DigitPool(split=split, images=images, labels=labels)
+
+
+def _decode(
+    builder: tfds.core.DatasetBuilder, split: str, data_dir: str | None, mnist_dir: str | None
+) -> tuple[tfds.core.DatasetBuilder, tuple[np.ndarray, np.ndarray]]:
+    """The split's (images, labels) from TFDS's records; records that fail to read are prepared again, once."""
     try:
         data = _read(builder, split)
     except tf.errors.OpError as error:  # e.g. a truncated record: prepare again, once
@@ -174,11 +196,54 @@ def load_pool(split: str, data_dir: str | None = None, mnist_dir: str | None = N
         builder = prepare(data_dir, mnist_dir)
         data = _read(builder, split)
     images = np.ascontiguousarray(data["image"][..., 0], dtype=np.uint8)
-    labels = data["label"].astype(np.int32)
-    images.setflags(write=False)
-    labels.setflags(write=False)
-    return DigitPool(split=split, images=images, labels=labels)
+    return builder, (images, data["label"].astype(np.int32))
 
 
 def _read(builder: tfds.core.DatasetBuilder, split: str) -> dict[str, np.ndarray]:
     return tfds.as_numpy(builder.as_dataset(split=SPLITS[split], batch_size=-1, shuffle_files=False))
+
+
+# The decoded pools, in TFDS's prepared version folder: a new preparation removes them with the records.
+POOLS_FILE = "digitseq-pools.npz"
+
+
+def _records(builder: tfds.core.DatasetBuilder) -> str:
+    """What the pools were decoded from: the prepared files' names, sizes and modification times."""
+    folder = Path(builder.data_dir)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != POOLS_FILE and p.name[0] != ".")
+    return json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+
+
+def _kept_pools(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The split's decoded (images, labels) from POOLS_FILE; None when it is missing, damaged (zip checks
+    each array's CRC-32 as it reads it) or decoded from other records than those there now."""
+    try:
+        with np.load(Path(builder.data_dir) / POOLS_FILE) as kept:
+            if str(kept["records"]) != _records(builder):
+                return None
+            images, labels = kept[f"{split}_images"], kept[f"{split}_labels"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    if images.dtype != np.uint8 or images.shape[1:] != (28, 28) or labels.dtype != np.int32:
+        return None
+    if len(labels) != len(images):
+        return None
+    return images, labels
+
+
+def _keep_pools(builder: tfds.core.DatasetBuilder, pools: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Writes POOLS_FILE, under the preparation lock, whole or not at all (a partial file renamed); a data
+    dir that cannot take it (read-only, full) goes without."""
+    folder = Path(builder.data_dir)
+    arrays = {f"{split}_images": images for split, (images, _) in pools.items()}
+    arrays |= {f"{split}_labels": labels for split, (_, labels) in pools.items()}
+    partial = folder / f".{POOLS_FILE}.partial"
+    with _preparing(builder):
+        if _kept_pools(builder, "test") is not None:  # another process kept them meanwhile
+            return
+        try:
+            with open(partial, "wb") as file:
+                np.savez(file, records=np.array(_records(builder)), **arrays)
+            os.replace(partial, folder / POOLS_FILE)
+        except OSError:
+            partial.unlink(missing_ok=True)

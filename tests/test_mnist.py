@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import shutil
 import subprocess
 import sys
@@ -113,3 +115,30 @@ def test_damaged_or_half_written_data_is_prepared_again(tmp_path, pools, capfd):
     assert np.array_equal(pool.labels, pools["test"].labels)
     assert sorted(p.name for p in version.parent.iterdir()) == [".digitseq-prepare.lock", "3.0.1"]
     assert "left by an interrupted preparation" in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_decoded_pools_are_kept_beside_the_records_and_made_again_when_stale_or_damaged(tmp_path, pools):
+    version = tmp_path / "tfds" / "mnist" / "3.0.1"
+    shutil.copytree(prepare().data_dir, version)
+    kept = version / mnist.POOLS_FILE
+    kept.unlink(missing_ok=True)
+    load = functools.partial(mnist.load_pool.__wrapped__, data_dir=str(tmp_path / "tfds"))  # past the process's cache
+
+    assert np.array_equal(load("test").labels, pools["test"].labels) and kept.is_file()
+    # Read back from the kept file: what it holds is what a command gets.
+    with np.load(kept) as f:
+        arrays = dict(f)
+    arrays["test_labels"] = (arrays["test_labels"] + 1) % 10
+    np.savez(kept, **arrays)
+    assert np.array_equal(load("test").labels, (pools["test"].labels + 1) % 10)
+    # Damaged (cut short, as a full disk leaves it): decoded from the records again, and kept whole.
+    kept.write_bytes(kept.read_bytes()[: kept.stat().st_size // 2])
+    assert np.array_equal(load("test").labels, pools["test"].labels)
+    assert np.array_equal(load("train").images, pools["train"].images)
+    # Records changed since (prepared again): decoded again.
+    np.savez(kept, **arrays)
+    records = version / "mnist-test.tfrecord-00000-of-00001"
+    os.utime(records, ns=(records.stat().st_atime_ns, records.stat().st_mtime_ns + 10**9))
+    assert np.array_equal(load("test").labels, pools["test"].labels)
+    assert not list(version.glob(".*partial"))
