@@ -14,6 +14,9 @@ reported. Last line of output: one JSON object.
 
 from __future__ import annotations
 
+import startup  # noqa: F401  (first: a quiet Ctrl-C while the libraries load; TensorFlow configured)
+
+# isort: split
 import contextlib
 import io
 import json
@@ -21,18 +24,22 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
 import train
+from model import loop
 from model import networks as nets
 from pipeline import flags
 
+PROG = "benchmark.py"
 
-def bare_steps_per_second(run: train.Run, steps: int) -> float:
-    batches = run.batches(0)
+
+def bare_steps_per_second(run: loop.Run, data: loop.Data, steps: int) -> float:
+    batches = loop.device_batches(data.train(0, (0, 1)))
     stack, index = next(batches)
     batches.close()  # tf.data's threads stop: nothing but the step runs
     state = jax.tree.map(jnp.copy, run.state)
@@ -46,17 +53,17 @@ def bare_steps_per_second(run: train.Run, steps: int) -> float:
     return steps / (time.perf_counter() - started)
 
 
-def loop_steps_per_second(run: train.Run) -> float:
+def loop_steps_per_second(run: loop.Run, data: loop.Data) -> float:
     with contextlib.redirect_stdout(io.StringIO()):
-        status = run.train()
+        status = loop.train(run, data)
     if status:
         raise SystemExit(f"benchmark.py: the training loop stopped with status {status}")
     return run.workdir.read_metrics()[-1]["steps_per_second"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = flags.ArgumentParser(
-        prog="python benchmark.py",
+        prog=PROG,
         description="Time train.py's whole loop against its bare jitted step on the same network and batch. "
         "Last line of output: one JSON object.",
     )
@@ -69,7 +76,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--repeats", type=flags.positive_int, default=5, help="repeats (default: 5)")
     flags.add_data_flags(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     runs: dict[str, list[float]] = {"bare": [], "loop": []}
     for _ in tqdm(range(args.repeats), desc="timing", unit="repeat"):
         with tempfile.TemporaryDirectory() as workdir:
@@ -79,21 +86,22 @@ def main() -> None:
                 "--workdir", workdir,
             ]  # fmt: skip
             config, _ = train.config_from_args(train.parse_args(argv))
-            run = train.Run(config, workdir, args.data_dir, args.mnist_dir, resume=False)
-            runs["bare"].append(bare_steps_per_second(run, args.steps))
-            runs["loop"].append(loop_steps_per_second(run))
-    bare, loop = statistics.median(runs["bare"]), statistics.median(runs["loop"])
+            data = train.sequences(config, args.data_dir, args.mnist_dir)
+            with loop.start(config, Path(workdir), resume=False) as run:
+                runs["bare"].append(bare_steps_per_second(run, data, args.steps))
+                runs["loop"].append(loop_steps_per_second(run, data))
+    bare, looped = statistics.median(runs["bare"]), statistics.median(runs["loop"])
     overheads = [1 - loop_rate / bare_rate for bare_rate, loop_rate in zip(runs["bare"], runs["loop"], strict=True)]
     overhead = statistics.median(overheads)
     print(
         f"{args.preset} network, {args.max_digits} digit(s), batch {args.batch_size}: bare step {bare:.1f} steps/s "
-        f"({1000 / bare:.2f} ms), train.py's loop {loop:.1f} steps/s: overhead {100 * overhead:.1f} % "
+        f"({1000 / bare:.2f} ms), train.py's loop {looped:.1f} steps/s: overhead {100 * overhead:.1f} % "
         f"(repeats {100 * min(overheads):.1f} to {100 * max(overheads):.1f} %)",
         file=sys.stderr,
     )
     result = {
         "preset": args.preset, "max_digits": args.max_digits, "batch_size": args.batch_size, "steps": args.steps,
-        "bare_steps_per_s": round(bare, 1), "loop_steps_per_s": round(loop, 1),
+        "bare_steps_per_s": round(bare, 1), "loop_steps_per_s": round(looped, 1),
         "overhead": round(overhead, 4), "overhead_per_repeat": [round(o, 4) for o in overheads],
         "runs": {name: [round(r, 1) for r in rates] for name, rates in runs.items()},
         "backend": jax.default_backend(), "devices": jax.device_count(),
@@ -102,4 +110,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    flags.run(main, "benchmark.py")
+    flags.exit_with(main, PROG)

@@ -51,7 +51,7 @@ class Reader:
     def prepare(self, image: str | Path | np.ndarray) -> np.ndarray:
         """An image file or array → the model's input, uint8 [H, W]. Raises ImageFileError (one sentence)."""
         model = self.model
-        return model_input(image, model.image_shape, model.network.positions, model.reads)
+        return model_input(image, model.image_size, model.network.positions, model.reads)
 
     def read_prepared(self, inputs: Sequence[np.ndarray]) -> list[Reading]:
         """Inputs from `prepare` → what the model reads in each, in order."""

@@ -12,17 +12,11 @@ model/metrics.py, the code train.py validates with.
 
 from __future__ import annotations
 
-# isort: off
-import os
-import signal
+import startup  # noqa: F401  (first: a quiet Ctrl-C while the libraries load; TensorFlow configured)
 
-signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # Ctrl-C while the libraries load: no traceback
-import pipeline  # noqa: F401  (first: configures TensorFlow's logging and threads before it loads)
-
-# isort: on
+# isort: split
 import argparse
 import json
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,21 +37,21 @@ BATCH = 1000
 
 
 def test_batches(
-    args: argparse.Namespace, image_shape: tuple[int, int], positions: int, layout: str
+    args: argparse.Namespace, image_size: tuple[int, int], positions: int, layout: str
 ) -> tuple[Iterator, int]:
     if args.data:
         images, labels = export.read(args.data)
-        if images.shape[1:] != image_shape or labels.shape[1] != positions:
+        if images.shape[1:] != image_size or labels.shape[1] != positions:
             raise ValueError(
                 f"{args.data} holds {images.shape[1]}x{images.shape[2]} images with {labels.shape[1]} positions; "
-                f"the model reads {image_shape[0]}x{image_shape[1]} with {positions}"
+                f"the model reads {image_size[0]}x{image_size[1]} with {positions}"
             )
         batches = (
             {"image": images[i : i + BATCH, ..., None], "labels": labels[i : i + BATCH]}
             for i in range(0, len(images), BATCH)
         )
         return batches, len(images)
-    config = SequenceConfig.delivering(positions, image_shape, layout=layout, distortions=args.distortions)
+    config = SequenceConfig(positions, image_size, layout=layout, distortions=args.distortions)
     pool = load_pool("test", args.data_dir, args.mnist_dir)
     data = eval_batches(pool, config, num_examples=args.examples, batch_size=BATCH, seed=args.seed)
     return numpy_batches(data), args.examples
@@ -83,7 +77,7 @@ def report_table(figures: dict) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int | None:
     parser = flags.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", type=Path, help="a train.py workdir: evaluates its checkpoint (see --checkpoint)")
@@ -114,14 +108,14 @@ def main() -> None:
         "curves (from the workdir's metrics.jsonl), first-layer filters and activations",
     )  # fmt: skip
     flags.add_data_flags(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.data and args.distortions:
         parser.error("--distortions builds test sequences; a --data file is evaluated as it is")
 
     model = trained.from_weights(args.weights) if args.weights else trained.from_workdir(args.workdir, args.checkpoint)
-    network, image_shape = model.network, model.image_shape
+    network, image_size = model.network, model.image_size
     layout = None if args.data else args.layout or model.reads
-    batches, total = test_batches(args, image_shape, network.positions, layout)
+    batches, total = test_batches(args, image_size, network.positions, layout)
     variables = jax.device_put(model.variables)
     first = next(iter(batches))
     metrics.evaluate(network, variables, [first], BATCH)  # compiles; not timed
@@ -184,5 +178,4 @@ def _chain(first: dict, rest: Iterator[dict]) -> Iterator[dict]:
 
 
 if __name__ == "__main__":
-    flags.run(main, PROG)
-    sys.exit(0)
+    flags.exit_with(main, PROG)

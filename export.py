@@ -15,16 +15,12 @@ train[55000:]) of the layout the model was trained on.
 
 from __future__ import annotations
 
-# isort: off
-import os
-import signal
+import startup  # noqa: F401  (first: a quiet Ctrl-C while the libraries load; TensorFlow configured)
 
-signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # Ctrl-C while the libraries load: no traceback
-import pipeline  # noqa: F401  (first: configures TensorFlow's logging and threads before it loads)
-
-# isort: on
+# isort: split
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -68,7 +64,7 @@ def output_path(model_h5: Path, format_name: str, out: Path | None) -> Path:
 
 def sequences(model: trained.Trained, split: str, count: int, layout: str, args) -> tuple[np.ndarray, np.ndarray]:
     """`count` sequences of `split` digits in `layout`, shaped as the model reads: uint8 [N, H, W], labels."""
-    config = SequenceConfig.delivering(model.network.positions, model.image_shape, layout=layout)
+    config = SequenceConfig(model.network.positions, model.image_size, layout=layout)
     return fixed_set(load_pool(split, args.data_dir, args.mnist_dir), config, count)
 
 
@@ -78,7 +74,7 @@ def export_one(model_h5: Path, model: trained.Trained, format_name: str, out: Pa
     if format_name == "tflite-int8":
         calibration, _ = sequences(model, "validation", CALIBRATION_EXAMPLES, model.layout, args)
     artifacts.write(artifacts.serving_model(model_h5), format_name, out, calibration)
-    height, width = model.image_shape
+    height, width = model.image_size
     positions = model.network.positions
     return (
         f"wrote {out} ({artifacts.size_bytes(out) / 1e6:.2f} MB, {format_name}): input `image` uint8 "
@@ -132,7 +128,7 @@ def _time_every_format(model_h5: Path, model: trained.Trained, folder: Path, arg
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int | None:
     formats = "\n".join(f"  {name:12} {fmt.use}" for name, fmt in artifacts.FORMATS.items())
     parser = flags.ArgumentParser(
         prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -153,7 +149,7 @@ def main() -> None:
         "model_saved_model/); with --benchmark, a folder to keep the artifacts in (default: a temporary one)",
     )  # fmt: skip
     flags.add_data_flags(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     model_h5 = model_file(args.model)
     model = trained.from_weights(model_h5)  # a file that is not a model.h5 is refused here, in one line
@@ -167,5 +163,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    flags.run(main, PROG)
-    sys.exit(0)
+    flags.exit_with(main, PROG)

@@ -10,14 +10,9 @@ stderr; the others are still read; the exit status is then 1.
 
 from __future__ import annotations
 
-# isort: off
-import os
-import signal
+import startup  # noqa: F401  (first: a quiet Ctrl-C while the libraries load; TensorFlow configured)
 
-signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # Ctrl-C while the libraries load: no traceback
-import pipeline  # noqa: F401  (first: configures TensorFlow's logging and threads before it loads)
-
-# isort: on
+# isort: split
 import sys
 from pathlib import Path
 
@@ -38,7 +33,7 @@ def probability_table(probabilities: np.ndarray) -> str:
     return "\n".join([header, *rows])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int | None:
     parser = flags.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG/JPEG/… files")
     source = parser.add_mutually_exclusive_group()
@@ -48,7 +43,7 @@ def main() -> None:
         "--checkpoint", choices=trained.CHECKPOINT_CHOICES, default="latest", help=trained.CHECKPOINT_HELP
     )
     parser.add_argument("--probs", action="store_true", help="also print each position's 11 probabilities")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     if args.workdir:
         reader = Reader(trained.from_workdir(args.workdir, args.checkpoint))
@@ -69,9 +64,9 @@ def main() -> None:
         if args.probs:
             print(probability_table(reading.probabilities), flush=True)
     if len(paths) < len(args.images):
-        sys.exit(1)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    flags.run(main, PROG)
-    sys.exit(0)
+    flags.exit_with(main, PROG)

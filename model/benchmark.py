@@ -27,12 +27,13 @@ from tqdm import tqdm
 from model import keras_h5, training
 from model import networks as nets
 
+PROG = "python -m model.benchmark"
 
 def _flax_timer(preset: nets.Preset, batch: dict, positions: int):
     network = nets.build(preset, positions)
-    image_shape = batch["image"].shape[1:3]
+    image_size = batch["image"].shape[1:3]
     optimizer = optax.adam(1e-3)
-    state = training.create_state(nets.init_variables(network, image_shape, 0), optimizer, positions)
+    state = training.create_state(nets.init_variables(network, image_size, 0), optimizer, positions)
     step = training.jit_train_step(network, optimizer, seed=0)
     batch = jax.device_put(batch)
     state = step(state, batch)  # compile
@@ -72,17 +73,17 @@ def _keras_timer(network: nets.Network, variables: dict, preset: str, batch: dic
     return run
 
 
-def random_batch(batch_size: int, image_shape: tuple[int, int], positions: int, seed: int = 0) -> dict:
+def random_batch(batch_size: int, image_size: tuple[int, int], positions: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     return {
-        "image": rng.integers(0, 256, (batch_size, *image_shape, 1), dtype=np.uint8),
+        "image": rng.integers(0, 256, (batch_size, *image_size, 1), dtype=np.uint8),
         "labels": rng.integers(0, nets.NUM_CLASSES, (batch_size, positions)).astype(np.int32),
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m model.benchmark",
+        prog=PROG,
         description="Time the jitted Flax train step of the seed network against the same network in "
         "Keras/TF (and the default network, Flax only). Last line of output: one JSON object.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -91,17 +92,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps per timed run")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each, alternating")
     parser.add_argument("--max-digits", type=int, default=5, help="positions (heads)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for name in ("batch_size", "steps", "repeats", "max_digits"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     positions = args.max_digits
 
-    seed_shape = nets.SEED.image_shape(positions)
+    seed_shape = nets.SEED.checked_image_size(positions)
     seed_batch = random_batch(args.batch_size, seed_shape, positions)
     network, state, flax_run = _flax_timer(nets.SEED, seed_batch, positions)
     keras_run = _keras_timer(network, jax.device_get(state.variables), nets.SEED.name, seed_batch)
-    default_shape = nets.DEFAULT.image_shape(positions)
+    default_shape = nets.DEFAULT.checked_image_size(positions)
     _, _, default_run = _flax_timer(nets.DEFAULT, random_batch(args.batch_size, default_shape, positions), positions)
 
     examples = args.batch_size * args.steps
@@ -124,7 +125,7 @@ def main() -> None:
     result = {
         "preset": "seed",
         "batch_size": args.batch_size,
-        "image_shape": list(seed_shape),
+        "image_size": list(seed_shape),
         "flax_ex_per_s": round(flax_rate, 1),
         "keras_ex_per_s": round(keras_rate, 1),
         "ratio": round(flax_rate / keras_rate, 3),
@@ -132,7 +133,7 @@ def main() -> None:
         "default": {
             "preset": "default",
             "batch_size": args.batch_size,
-            "image_shape": list(default_shape),
+            "image_size": list(default_shape),
             "flax_ex_per_s": round(default_rate, 1),
         },
         "runs": {name: [round(r, 1) for r in rates] for name, rates in runs.items()},

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from model import networks as nets
-from model.workdir import atomic_write
+from model.workdir import RECORDED_BEFORE, atomic_write
 
 KERAS_VERSION = "3.15.1"  # the layout written; Keras 3 reads it
 FORMAT = 1
@@ -42,8 +42,8 @@ class ModelFileError(ValueError):
 class _Graph:
     """Keras functional-model layer configs, built one layer at a time from a current tensor."""
 
-    def __init__(self, image_shape: tuple[int, int]):
-        self.shapes: dict[str, tuple[int, ...]] = {"image": (*image_shape, 1)}  # per layer, batch dim left out
+    def __init__(self, image_size: tuple[int, int]):
+        self.shapes: dict[str, tuple[int, ...]] = {"image": (*image_size, 1)}  # per layer, batch dim left out
         self.weights: dict[str, list[tuple[str, np.ndarray]]] = {}
         self.tensor = "image"
         self.layers: list[dict] = [
@@ -236,10 +236,10 @@ def _attend_layers(graph: _Graph, layer: nets.Attend, positions: int, params: di
     )
 
 
-def _keras_graph(network: nets.Network, image_shape: tuple[int, int], variables: dict) -> tuple[_Graph, list[str]]:
+def _keras_graph(network: nets.Network, image_size: tuple[int, int], variables: dict) -> tuple[_Graph, list[str]]:
     """The whole model: the network, or an ensemble's members side by side (`member_1_conv1`, …)
     with each position's output the Average of the members' softmaxes."""
-    graph = _Graph(image_shape)
+    graph = _Graph(image_size)
     members = nets.member_variables(network, variables)
     if len(members) == 1:
         return graph, _keras_layers(graph, network.layers, network.positions, variables)
@@ -300,11 +300,11 @@ def _strings(values: list[str]) -> np.ndarray:
 def write(
     path: str | Path,
     network: nets.Network,
-    image_shape: tuple[int, int],
+    image_size: tuple[int, int],
     variables: dict,
     preset: str,
     step: int | None = None,
-    layout: str = "cells",
+    layout: str = RECORDED_BEFORE["layout"],
 ) -> None:
     """Writes model.h5 atomically: a failed write leaves any previous file as it was.
 
@@ -313,7 +313,7 @@ def write(
     The file is built in memory and written by `atomic_write`: HDF5 never meets a full disk
     (where it crashes) and a failed write is one OSError.
     """
-    graph, outputs = _keras_graph(network, image_shape, variables)
+    graph, outputs = _keras_graph(network, image_size, variables)
     model_config = {
         "class_name": "Functional",
         "config": {
@@ -329,7 +329,7 @@ def write(
         "preset": preset,
         "positions": network.positions,
         "members": network.members,
-        "image_shape": list(image_shape),
+        "image_size": list(image_size),
         "layers": nets.layers_to_json(network.layers),
         "layout": layout,
         "step": step,
@@ -369,7 +369,7 @@ class ModelFile:
     """What a model.h5 holds."""
 
     network: nets.Network
-    image_shape: tuple[int, int]
+    image_size: tuple[int, int]
     variables: dict
     preset: str
     layout: str  # of the sequences it was trained on ("cells" in a file written before layouts)
@@ -392,26 +392,27 @@ def read(path: str | Path) -> ModelFile:
             layers = nets.layers_from_json(description["layers"])
             members = int(description.get("members", 1))
             network = nets.Network(layers=layers, positions=int(description["positions"]), members=members)
-            image_shape = tuple(int(s) for s in description["image_shape"])
+            # "image_shape": its name in files written before the image size had one name throughout
+            image_size = tuple(int(s) for s in description.get("image_size", description.get("image_shape")))
             preset = str(description["preset"])
-            layout = str(description.get("layout", "cells"))
+            layout = str(description.get("layout", RECORDED_BEFORE["layout"]))
         except (KeyError, TypeError, ValueError) as error:
             raise ModelFileError(f"{path} has an unreadable digitseq description ({error})") from None
         single = nets.Network(layers=layers, positions=network.positions)  # each member's network
         try:
-            expected = nets.variables_structure(single, image_shape)
+            expected = nets.variables_structure(single, image_size)
         except (TypeError, ValueError) as error:
             raise ModelFileError(
                 f"{path} has a digitseq description that does not make a network "
-                f"(image shape {list(image_shape)}: {_first_line(error)}); the file was altered"
+                f"(image size {list(image_size)}: {_first_line(error)}); the file was altered"
             ) from None
         prefixes = [""] if members == 1 else [f"member_{m + 1}_" for m in range(members)]
         found = [_read_member(path, file, layers, expected, prefix) for prefix in prefixes]
     if members == 1:
-        return ModelFile(network, image_shape, found[0], preset, layout)
+        return ModelFile(network, image_size, found[0], preset, layout)
     stacked = jax.tree.map(lambda *leaves: np.stack(leaves), *found)
     variables = {name: {"members": tree} for name, tree in stacked.items() if tree}
-    return ModelFile(network, image_shape, variables, preset, layout)
+    return ModelFile(network, image_size, variables, preset, layout)
 
 
 def _read_member(path: Path, file: h5py.File, layers, expected: dict, prefix: str) -> dict:

@@ -121,7 +121,7 @@ class Preset:
     image_size: tuple[int, int] | None  # None: native 28 × 28·positions
     layers: tuple[Layer, ...]
 
-    def image_shape(self, positions: int, image_size: tuple[int, int] | None = None) -> tuple[int, int]:
+    def checked_image_size(self, positions: int, image_size: tuple[int, int] | None = None) -> tuple[int, int]:
         """The (height, width) this network reads, checked; image_size overrides the preset's."""
         height, width = image_size or self.image_size or (28, 28 * positions)
         factor = math.prod(
@@ -448,16 +448,16 @@ def variable_shapes(variables: dict) -> dict:
     return jax.tree.map(lambda x: tuple(x.shape), variables)
 
 
-def init_variables(network: Network, image_shape: tuple[int, int], seed: int) -> dict:
+def init_variables(network: Network, image_size: tuple[int, int], seed: int) -> dict:
     """Parameters (and batch-norm statistics) of a fresh network, a pure function of the seed."""
-    images = jnp.zeros((1, *image_shape, 1), jnp.float32)
+    images = jnp.zeros((1, *image_size, 1), jnp.float32)
     init = jax.jit(network.init, static_argnames="train", compiler_options=run_once_options())  # eager: op by op, slow
     return dict(init(jax.random.key(seed), images, train=False))
 
 
-def variables_structure(network: Network, image_shape: tuple[int, int]) -> dict:
+def variables_structure(network: Network, image_size: tuple[int, int]) -> dict:
     """What init_variables returns, as shapes and dtypes only: nothing is computed or compiled."""
-    images = jax.ShapeDtypeStruct((1, *image_shape, 1), jnp.float32)
+    images = jax.ShapeDtypeStruct((1, *image_size, 1), jnp.float32)
     return dict(jax.eval_shape(lambda x: network.init(jax.random.key(0), x, train=False), images))
 
 

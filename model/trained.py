@@ -15,7 +15,7 @@ from model.workdir import Workdir
 @dataclasses.dataclass(frozen=True)
 class Trained:
     network: nets.Network
-    image_shape: tuple[int, int]
+    image_size: tuple[int, int]
     variables: dict
     description: str  # what was loaded, for reports
     workdir: Workdir | None  # the training run it came from, when known (its metrics.jsonl)
@@ -40,15 +40,15 @@ def recorded_network(workdir: Workdir, config: dict, variables: dict | None) -> 
     if recorded:
         try:
             layers = nets.layers_from_json(config["layers"])
-            network = nets.Network(layers=layers, positions=config["max_digits"], members=config.get("ensemble", 1))
+            network = nets.Network(layers=layers, positions=config["max_digits"], members=config["ensemble"])
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{workdir.config_file} is damaged (its network cannot be read)") from None
     else:
         network = nets.build(nets.get_preset(config["preset"]), config["max_digits"])
     if variables is None:
         return network
-    image_shape = tuple(config["image_size"])
-    expected = nets.variables_structure(network, image_shape)
+    image_size = tuple(config["image_size"])
+    expected = nets.variables_structure(network, image_size)
     saved = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     if nets.variable_shapes(saved) != nets.variable_shapes({"batch_stats": {}, **expected}):
         if recorded:
@@ -87,7 +87,7 @@ def from_workdir(path: Path, checkpoint: str = "latest") -> Trained:
     step, state = found
     variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
     network = recorded_network(workdir, config, variables)
-    layout = config.get("layout", "cells")  # a run recorded before layouts: cells
+    layout = config["layout"]
     description = f"{path} step {step} ({config['preset']}, {layout} layout)"
     return Trained(network, tuple(config["image_size"]), variables, description, workdir, layout)
 
@@ -98,6 +98,6 @@ def from_weights(path: Path) -> Trained:
     workdir = Workdir(path.parent)
     description = f"{path} ({model.preset}, {model.layout} layout)"
     return Trained(
-        model.network, model.image_shape, model.variables, description, workdir if workdir.holds_a_run() else None,
+        model.network, model.image_size, model.variables, description, workdir if workdir.holds_a_run() else None,
         model.layout,
     )  # fmt: skip

@@ -19,8 +19,8 @@ import fnmatch
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -29,6 +29,10 @@ TENSORBOARD = "tensorboard"
 MODEL = "model.h5"
 LOCK = ".lock"
 _PARTIAL = ".{name}.partial"
+
+# What a config.json means by a key it lacks: it was written before ensembles (one network), layouts
+# (cells) and distortions (none) existed. The one place these defaults live (model.h5 reads so too).
+RECORDED_BEFORE = {"ensemble": 1, "layout": "cells", "distortions": []}
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:
@@ -94,9 +98,10 @@ class Workdir:
     # -- config.json --
 
     def read_config(self) -> dict:
+        """config.json, with RECORDED_BEFORE's values for the keys a run recorded before they existed lacks."""
         if not self.config_file.is_file():
             raise ValueError(f"{self.path} is not a training workdir (no {CONFIG}); pass a folder train.py wrote")
-        return read_json(self.config_file)
+        return RECORDED_BEFORE | read_json(self.config_file)
 
     def write_config(self, config: dict) -> None:
         atomic_write(self.config_file, json.dumps(config, indent=2) + "\n")
@@ -145,21 +150,22 @@ class Workdir:
             if partial.is_file():
                 partial.unlink(missing_ok=True)
 
-    def lock(self) -> IO:
-        """Locks the workdir for this process's life (the OS lets go when it exits, however it dies)."""
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Holds the workdir for one train.py: another is refused while this one runs (the OS lets go when
+        the process exits, however it dies)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path / LOCK, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            raise ValueError(
-                f"{self.path} is in use by another train.py (pid {holder}); wait for it to finish, "
-                "or pick another --workdir"
-            ) from None
-        handle.truncate(0)
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        return handle
+        with open(self.path / LOCK, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise ValueError(
+                    f"{self.path} is in use by another train.py (pid {holder}); wait for it to finish, "
+                    "or pick another --workdir"
+                ) from None
+            handle.truncate(0)
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            yield

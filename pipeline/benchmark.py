@@ -37,7 +37,7 @@ def notebook_loop(pool: DigitPool, config: SequenceConfig, count: int, rng: np.r
         picks = rng.integers(0, len(pool), size=length)
         tiles = [pool.images[i] for i in picks] + [blank] * (config.max_digits - length)
         image = np.hstack(tiles)
-        if config.image_size is not None:
+        if config.resized:
             height, width = config.image_size
             image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
         images.append(image)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         "baseline_loop_seq_per_s": round(baseline_rate),
         "speedup": round(tfdata_rate / baseline_rate, 1),
         "batch_size": args.batch_size,
-        "image_shape": list(config.image_shape),
+        "image_size": list(config.image_size),
         "threads": args.threads or os.cpu_count(),
         "augment": args.augment,
         "mode": "streaming" if args.train_examples is None else f"fixed set of {args.train_examples}",
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         "tfdata_runs": {layout: [round(r) for r in runs] for layout, runs in tfdata.items()},
         "baseline_runs": [round(r) for r in baseline],
     }
-    shape = "x".join(map(str, config.image_shape))
+    shape = "x".join(map(str, config.image_size))
     distorted = ""
     if args.distortions:
         distorted = (
@@ -170,4 +170,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    flags.run(main, "pipeline.benchmark")
+    flags.exit_with(main, "pipeline.benchmark")

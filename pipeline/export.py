@@ -164,4 +164,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    flags.run(main, "pipeline.export")
+    flags.exit_with(main, "pipeline.export")

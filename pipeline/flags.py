@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from pipeline.mnist import MnistError
 from pipeline.sequences import LAYOUTS, SequenceConfig, parse_image_size
@@ -145,31 +146,42 @@ def sequence_config(args: argparse.Namespace, augment: bool = False) -> Sequence
     return SequenceConfig(args.max_digits, args.image_size, augment, layout, args.distortions)
 
 
-def run(main: Callable[[], None], prog: str) -> None:
-    """Runs a command's main; a user's mistake becomes one line on stderr and exit status 2."""
+def run(main: Callable[[list[str] | None], int | None], prog: str, argv: list[str] | None = None) -> int:
+    """Runs a command's `main(argv)` and returns its exit status: what main returns (None: 0), or 2 with
+    one line on stderr for a user's mistake. The same in-process (tests, benchmarks) as in `exit_with`."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt, handled below
     try:
-        main()
+        return main(argv) or 0
+    except SystemExit as stop:  # argparse: --help (0) or a refused flag (2)
+        return stop.code if isinstance(stop.code, int) else 1
     except (MnistError, ValueError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except (FileExistsError, NotADirectoryError) as error:  # a folder asked for where a file stands
         print(f"{prog}: error: cannot make the folder {error.filename}: a file stands in its path; "
               "pick another path", file=sys.stderr)  # fmt: skip
-        sys.exit(2)
+        return 2
     except OSError as error:  # the filesystem said no: disk full, permission denied, …
         where = f": {error.filename}" if error.filename else ""
         print(f"{prog}: error: {error.strerror or error}{where}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def exit_with(main: Callable[[list[str] | None], int | None], prog: str) -> NoReturn:
+    """A command's last line: runs it on sys.argv and exits with its status. A command that stops with
+    a failure has said why in one line; what threads winding down (orbax's, C++) still write to stderr
+    is dropped."""
+    status = run(main, prog)
+    if status:
         quiet_stderr()
-        sys.exit(130)
+    sys.exit(status)
 
 
 def quiet_stderr() -> None:
-    """Sends whatever is still written to stderr (by threads winding down, by C++) to /dev/null: for
-    a command that has said in one line why it stops."""
+    """Sends whatever is still written to stderr to /dev/null, for good: for a process about to exit."""
     sys.stderr.flush()
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)

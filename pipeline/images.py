@@ -156,7 +156,7 @@ def _mnist_cell(column: np.ndarray) -> np.ndarray:
 
 
 def model_input(
-    image: str | Path | np.ndarray, image_shape: tuple[int, int], max_digits: int, layout: str = "cells"
+    image: str | Path | np.ndarray, image_size: tuple[int, int], max_digits: int, layout: str = "cells"
 ) -> np.ndarray:
     """An image file (a path) or array as a model of `layout` ("cells" or "free") reads it: uint8
     [height, width] (steps 1–5)."""
@@ -164,10 +164,10 @@ def model_input(
     native_shape = (TILE, TILE * max_digits)
     if layout == "free":
         native = framing.frame(gray, TILE * max_digits)
-    elif gray.shape == tuple(image_shape):
+    elif gray.shape == tuple(image_size):
         return gray
     else:
         native = gray if gray.shape == native_shape else native_layout(gray, max_digits)
-    if native.shape == tuple(image_shape):
+    if native.shape == tuple(image_size):
         return native
-    return resize(tf.constant(native[None, :, :, None]), image_shape).numpy()[0, :, :, 0]
+    return resize(tf.constant(native[None, :, :, None]), image_size).numpy()[0, :, :, 0]

@@ -22,6 +22,7 @@ A fixed set's sequence j has the same digits in every layout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 
 import numpy as np
@@ -50,7 +51,8 @@ class SequenceConfig:
     """What the images look like.
 
     max_digits: the longest sequence, and the number of label positions.
-    image_size: (height, width) to resize to (bilinear); None keeps the native 28 × 28·max_digits.
+    image_size: (height, width) of the images; other than the native 28 × 28·max_digits (None), the
+        native image resized to it, bilinear.
     augment: (train data only) in cells, shift every digit independently by up to ±2 px each way;
         in the free layout, jitter the frame (scale ± 5 %, position ± 1 px).
     layout: "cells", "free" or "mixed" (see the module's note).
@@ -72,30 +74,19 @@ class SequenceConfig:
         object.__setattr__(self, "distortions", tuple(n for n in distort.DISTORTIONS if n in self.distortions))
         if isinstance(self.max_digits, bool) or not isinstance(self.max_digits, int) or self.max_digits < 1:
             raise ValueError(f"max digits must be a whole number of at least 1, not {self.max_digits!r}")
-        if self.image_size is not None:
-            size = tuple(self.image_size)
-            if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size):
-                raise ValueError(f"image size must be two positive whole numbers, not {self.image_size!r}")
-            object.__setattr__(self, "image_size", size)
-
-    @classmethod
-    def delivering(
-        cls,
-        max_digits: int,
-        image_shape: tuple[int, int],
-        augment: bool = False,
-        layout: str = "cells",
-        distortions: tuple[str, ...] = (),
-    ) -> SequenceConfig:
-        """The config whose images are (height, width) = image_shape: native when that is native, else resized."""
-        native = (TILE, TILE * max_digits)
-        size = None if tuple(image_shape) == native else tuple(image_shape)
-        return cls(max_digits, size, augment, layout, tuple(distortions))
+        size = self.native_size if self.image_size is None else tuple(self.image_size)
+        if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size):
+            raise ValueError(f"image size must be two positive whole numbers, not {self.image_size!r}")
+        object.__setattr__(self, "image_size", size)
 
     @property
-    def image_shape(self) -> tuple[int, int]:
-        """(height, width) of the images the pipeline delivers."""
-        return self.image_size or (TILE, TILE * self.max_digits)
+    def native_size(self) -> tuple[int, int]:
+        """(height, width) of the sequences as they are laid out, before any resize."""
+        return (TILE, TILE * self.max_digits)
+
+    @property
+    def resized(self) -> bool:
+        return self.image_size != self.native_size
 
 
 def parse_image_size(text: str) -> tuple[int, int] | None:
@@ -275,7 +266,7 @@ class _Builder:
         batch = self.lay_out(self.draw(keys, shift_keys, distort_keys))
         if "noise" in self.config.distortions:
             batch = {**batch, "image": self.distorter.grain(batch["image"], distort_keys)}
-        if self.config.image_size is None:
+        if not self.config.resized:
             return batch
         return {**batch, "image": self.resize(batch["image"])}
 
@@ -301,6 +292,14 @@ def _finish(dataset: tf.data.Dataset, threads: int | None) -> tf.data.Dataset:
         _check_whole("threads", threads, 1)
         options.threading.private_threadpool_size = threads
     return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+@functools.lru_cache(maxsize=4)
+def _builder(pool: DigitPool, config: SequenceConfig, seed: int) -> _Builder:
+    """One builder per (pool, config, seed) in a process: its tables are made and its graphs traced and
+    compiled (seconds) once, however many streams and sets it serves (a validation set every epoch, a
+    test's streams). A few are kept: each holds its pool's digits in every version and shift."""
+    return _Builder(pool, config, seed)
 
 
 def train_batches(
@@ -335,7 +334,7 @@ def train_batches(
         _check_whole("number of examples", num_examples, 1)
         if num_examples < batch_size:
             raise ValueError(f"a fixed set of {num_examples} sequences cannot fill a batch of {batch_size}")
-    builder = _Builder(pool, config, seed)
+    builder = _builder(pool, config, seed)
     per_shard = batch_size // count
     columns = tf.range(index * per_shard, (index + 1) * per_shard, dtype=tf.int64)  # this shard's rows
     steps_per_call = max(1, _SEQUENCES_PER_CALL // per_shard)
@@ -391,7 +390,7 @@ def eval_batches(
         raise ValueError("evaluation data is never augmented: pass a config with augment=False")
     _check_whole("number of examples", num_examples, 1)
     _check_whole("batch size", batch_size, 1)
-    builder = _Builder(pool, config, seed)
+    builder = _builder(pool, config, seed)
 
     def make(start: tf.Tensor) -> dict[str, tf.Tensor]:
         members = tf.range(start, tf.minimum(start + batch_size, num_examples))

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import re
-import runpy
 import shutil
 import sys
 from pathlib import Path
@@ -13,7 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, command, shared_folder
+from conftest import ROOT, command, run
 from handwritten import write_numbers
 
 from digitseq import Reader
@@ -29,23 +27,6 @@ TEST_EXAMPLES = 2000
 
 
 @pytest.fixture(scope="module")
-def seed_model(tmp_path_factory, mnist_dir) -> Path:
-    """The 64×64 seed preset trained briefly (200 steps of 64) on 1–2 digits: ~90 % of validation sequences."""
-    shared = shared_folder(tmp_path_factory)
-    workdir = shared / "trained_seed" / "run"
-    with open(shared / "trained_seed.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (workdir / "model.h5").is_file():
-            shutil.rmtree(workdir.parent, ignore_errors=True)
-            result = command(
-                "train.py", "--preset", "seed", "--workdir", str(workdir), "--max-digits", "2", "--batch-size", "64",
-                "--max-steps", "200", "--learning-rate", "1e-3", "--schedule", "constant", "--val-examples", "500",
-            )  # fmt: skip
-            assert result.returncode == 0, result.stderr
-    return workdir / "model.h5"
-
-
-@pytest.fixture(scope="module")
 def ensemble_model(trained_workdir, tmp_path_factory) -> Path:
     """A 2-member ensemble of the trained default preset: its checkpoints at steps 200 and 250, side by side."""
     single = trained.from_workdir(trained_workdir)
@@ -58,12 +39,12 @@ def ensemble_model(trained_workdir, tmp_path_factory) -> Path:
     }
     network = nets.Network(layers=single.network.layers, positions=single.network.positions, members=2)
     path = tmp_path_factory.mktemp("ensemble") / "model.h5"
-    keras_h5.write(path, network, single.image_shape, stacked, "default", layout=single.layout)
+    keras_h5.write(path, network, single.image_size, stacked, "default", layout=single.layout)
     return path
 
 
 def _sequences(pools, model: keras_h5.ModelFile, split: str, count: int, layout: str):
-    config = SequenceConfig.delivering(model.network.positions, model.image_shape, layout=layout)
+    config = SequenceConfig(model.network.positions, model.image_size, layout=layout)
     return fixed_set(pools[split], config, count)
 
 
@@ -71,8 +52,8 @@ def _sequences(pools, model: keras_h5.ModelFile, split: str, count: int, layout:
 def exports(trained_workdir, ensemble_model, seed_model, pools, tmp_path_factory) -> dict:
     """Every format of each model. The default preset's ONNX and int8 TFLite (its own calibration set) are
     written by the export.py command, into the workdir; the rest by the functions it runs, in this process."""
-    for name in ("onnx", "tflite-int8"):
-        result = command("export.py", str(trained_workdir), "--format", name)
+    for name in ("onnx", "tflite-int8"):  # the first as a user types it, in a process of its own
+        result = (command if name == "onnx" else run)("export.py", str(trained_workdir), "--format", name)
         assert result.returncode == 0, result.stderr
         assert result.stderr == "", result.stderr  # the converters' chatter stays out
         assert "pipeline.images.model_input(path, (28, 56), 2, 'free')" in result.stdout
@@ -141,19 +122,7 @@ def test_the_lines_in_the_docs_read_image_files(exports, trained_workdir, tmp_pa
     assert got == expected
 
 
-def _export_py(capfd, *args: str) -> tuple[int, str]:
-    """export.py run as a command in this process (it exits through flags.run): (exit status, stderr)."""
-    argv = sys.argv
-    sys.argv = ["export.py", *args]
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            runpy.run_path(str(ROOT / "export.py"), run_name="__main__")
-    finally:
-        sys.argv = argv
-    return exit_.value.code, capfd.readouterr().err
-
-
-def test_bad_input_is_one_line(trained_workdir, tmp_path, capfd, monkeypatch):
+def test_bad_input_is_one_line(trained_workdir, tmp_path, monkeypatch):
     model_h5 = str(trained_workdir / "model.h5")
     not_a_model = tmp_path / "notes.h5"
     not_a_model.write_text("not HDF5")
@@ -167,12 +136,12 @@ def test_bad_input_is_one_line(trained_workdir, tmp_path, capfd, monkeypatch):
         ([model_h5, "--format", "tflite", "--out", str(tmp_path)], "is a folder; --out names the file"),
     ]
     for args, message in cases:
-        status, err = _export_py(capfd, *args)
-        assert status == 2 and message in err and err.count("\n") == 1, (args, err)
+        result = run("export.py", *args)
+        assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, (args, result)
     monkeypatch.setitem(sys.modules, "tf2onnx", None)  # not installed: importing it fails
-    status, err = _export_py(capfd, model_h5, "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
-    assert status == 2 and err.count("\n") == 1, err
-    assert "needs tf2onnx, which is not installed: pip install -e '.[export]'" in err
+    result = run("export.py", model_h5, "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "needs tf2onnx, which is not installed: pip install -e '.[export]'" in result.stderr
     assert not list(tmp_path.glob("*.onnx")) and not list(tmp_path.glob(".*partial"))
 
 
@@ -189,7 +158,7 @@ def test_a_failed_export_leaves_the_previous_artifact(exports, tmp_path, monkeyp
 
 def test_benchmark_prints_json_last(trained_workdir, tmp_path):
     """--benchmark: every format written, each timed in its runtime beside Flax; the figures as JSON last."""
-    result = command("export.py", str(trained_workdir), "--benchmark", "--out", str(tmp_path))
+    result = run("export.py", str(trained_workdir), "--benchmark", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     rows = {row["runtime"]: row for row in figures["rows"]}

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, command
+from conftest import TINY, TINY_EPOCH, only_line, run
 from PIL import Image
 
 from model import keras_h5, training
@@ -21,18 +18,9 @@ from model.checkpoints import Checkpoints
 from model.workdir import Workdir
 from pipeline import export
 
-SMALL = ["--max-digits", "1", "--train-examples", "256", "--batch-size", "32", "--val-examples", "100", "--epochs", "2"]
-EPOCH = 8  # steps
-
 
 def train(workdir: Path, *flags: str) -> subprocess.CompletedProcess:
-    return command("train.py", "--workdir", str(workdir), *SMALL, *flags)
-
-
-def only_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    return lines[0]
+    return run("train.py", "--workdir", str(workdir), *TINY, *flags)
 
 
 def model_weights(path: Path) -> dict:
@@ -55,8 +43,8 @@ def truncate_checkpoint(folder: Path) -> None:
 @pytest.mark.slow
 def test_outputs_never_fall_behind_the_checkpoint_nor_get_wiped(tmp_path, mnist_dir):
     workdir = Workdir(tmp_path / "run")
-    assert train(workdir.path, "--max-steps", str(EPOCH)).returncode == 0
-    assert keras_h5.recorded_step(workdir.model) == EPOCH
+    assert train(workdir.path, "--max-steps", str(TINY_EPOCH)).returncode == 0
+    assert keras_h5.recorded_step(workdir.model) == TINY_EPOCH
 
     # model.h5 cannot be written (a folder stands where its partial file goes): one line, like a failed
     # checkpoint; the previous model.h5 is kept whole.
@@ -65,32 +53,32 @@ def test_outputs_never_fall_behind_the_checkpoint_nor_get_wiped(tmp_path, mnist_
     stopped = train(workdir.path)
     assert stopped.returncode == 1
     assert only_line(stopped.stderr) == (
-        f"train.py: writing {workdir.model} failed (Is a directory); the checkpoint of step {2 * EPOCH} is intact; "
-        "once that is put right, rerun the same command to continue"
+        f"train.py: writing {workdir.model} failed (Is a directory); the checkpoint of step {2 * TINY_EPOCH} is "
+        "intact; once that is put right, rerun the same command to continue"
     )
-    assert keras_h5.recorded_step(workdir.model) == EPOCH
+    assert keras_h5.recorded_step(workdir.model) == TINY_EPOCH
     # The rerun finds the run complete and brings model.h5 up to its checkpoint.
     blocker.rmdir()
     rerun = train(workdir.path)
     assert rerun.returncode == 0, rerun.stderr
-    assert f"wrote {workdir.model} of step {2 * EPOCH}" in rerun.stdout and "nothing to do" in rerun.stdout
-    assert keras_h5.recorded_step(workdir.model) == 2 * EPOCH
+    assert f"wrote {workdir.model} of step {2 * TINY_EPOCH}" in rerun.stdout and "nothing to do" in rerun.stdout
+    assert keras_h5.recorded_step(workdir.model) == 2 * TINY_EPOCH
     final = model_weights(workdir.model)
-    checkpoint = Checkpoints(workdir.checkpoints).restore(2 * EPOCH)
+    checkpoint = Checkpoints(workdir.checkpoints).restore(2 * TINY_EPOCH)
     assert same(final["params"], checkpoint["params"])
 
     # A truncated newest checkpoint: set aside with a one-line note; training redoes the steps after the
     # one before, and ends where it had.
-    truncate_checkpoint(workdir.checkpoints / str(2 * EPOCH))
+    truncate_checkpoint(workdir.checkpoints / str(2 * TINY_EPOCH))
     redone = train(workdir.path)
     assert redone.returncode == 0, redone.stderr
     assert only_line(redone.stderr).startswith(
-        f"train.py: note: checkpoint {workdir.checkpoints / str(2 * EPOCH)} cannot be read ("
+        f"train.py: note: checkpoint {workdir.checkpoints / str(2 * TINY_EPOCH)} cannot be read ("
     )
-    assert f"moved aside to {2 * EPOCH}.damaged; using the one before" in redone.stderr
-    assert f"resuming {workdir.path} at step {EPOCH}" in redone.stdout
+    assert f"moved aside to {2 * TINY_EPOCH}.damaged; using the one before" in redone.stderr
+    assert f"resuming {workdir.path} at step {TINY_EPOCH}" in redone.stdout
     assert same(model_weights(workdir.model), final)
-    assert [r["step"] for r in workdir.read_metrics()] == [EPOCH, 2 * EPOCH]
+    assert [r["step"] for r in workdir.read_metrics()] == [TINY_EPOCH, 2 * TINY_EPOCH]
 
     # Checkpoints deleted by hand: the model and metrics are not wiped without --no-resume.
     shutil.rmtree(workdir.checkpoints)
@@ -114,7 +102,7 @@ def test_eval_skips_damaged_and_non_finite_checkpoints(trained_workdir, tmp_path
     checkpoints.save(newest + 1, state)
     truncate_checkpoint(workdir.checkpoints / str(best))
 
-    result = command("eval.py", "--workdir", str(workdir.path), "--checkpoint", "best", "--examples", "200")
+    result = run("eval.py", "--workdir", str(workdir.path), "--checkpoint", "best", "--examples", "200")
     assert result.returncode == 0, result.stderr
     notes = result.stderr.strip().splitlines()
     assert len(notes) == 2 and all(line.startswith("note: checkpoint ") for line in notes), result.stderr
@@ -144,7 +132,7 @@ def small_model(tmp_path_factory) -> Path:
 def test_bad_data_files_get_one_line(small_model, tmp_path):
     empty = tmp_path / "empty.npz"
     empty.write_bytes(b"")
-    result = command("eval.py", "--weights", str(small_model), "--data", str(empty))
+    result = run("eval.py", "--weights", str(small_model), "--data", str(empty))
     assert result.returncode == 2
     assert f"{empty} is not a readable sequence file" in only_line(result.stderr)
 
@@ -159,15 +147,15 @@ def test_bad_data_files_get_one_line(small_model, tmp_path):
 def test_paths_and_damaged_workdir_files_get_one_line(small_model, tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("in the way")
-    result = command("train.py", "--workdir", str(a_file / "run"))
+    result = run("train.py", "--workdir", str(a_file / "run"))
     assert result.returncode == 2 and "a file stands in its path" in only_line(result.stderr)
-    result = command("eval.py", "--weights", str(small_model), "--examples", "10", "--plots", str(a_file / "plots"))
+    result = run("eval.py", "--weights", str(small_model), "--examples", "10", "--plots", str(a_file / "plots"))
     assert result.returncode == 2 and "a file stands in its path" in only_line(result.stderr)
 
     workdir = Workdir(tmp_path / "run")
     workdir.path.mkdir()
     workdir.config_file.write_text('{"preset": "def')
-    result = command("eval.py", "--workdir", str(workdir.path))
+    result = run("eval.py", "--workdir", str(workdir.path))
     assert result.returncode == 2 and f"{workdir.config_file} is damaged" in only_line(result.stderr)
     workdir.metrics_file.write_text('{"step": 8}\n{"step": 1')
     with pytest.raises(ValueError, match=f"{workdir.metrics_file} is damaged at line 2"):
@@ -197,7 +185,7 @@ def test_a_model_h5_with_a_nan_weight_is_refused_by_eval_and_predict(small_model
     Image.fromarray(np.zeros((28, 56), np.uint8)).save(image)
     expected = f"{poisoned} holds NaN or infinite weights (first in bn1/beta): it cannot predict anything"
     for args in (["eval.py", "--examples", "100"], ["predict.py", str(image)]):
-        result = command(*args, "--weights", str(poisoned))
+        result = run(*args, "--weights", str(poisoned))
         assert result.returncode == 2 and only_line(result.stderr).startswith(f"{args[0]}: error: {expected}")
 
 
@@ -209,80 +197,15 @@ def test_a_partial_file_left_by_a_kill_is_replaced(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["test.npz"]
 
 
-FULL_DISK_H5 = """
-set -e
-mount -t tmpfs -o size=4m tmpfs "$DISK"
-"$PYTHON" - <<'EOF'
-import errno, os, sys
-from model import keras_h5, networks as nets
-path = os.path.join(os.environ["DISK"], "model.h5")
-small, big = nets.build(nets.DEFAULT, 1), nets.build(nets.SEED, 5)
-keras_h5.write(path, small, (28, 28), nets.init_variables(small, (28, 28), 0), "default", step=1)
-try:
-    keras_h5.write(path, big, (64, 64), nets.init_variables(big, (64, 64), 0), "seed", step=2)
-except OSError as error:
-    print("ENOSPC" if error.errno == errno.ENOSPC else error)
-print(keras_h5.recorded_step(path), sorted(os.listdir(os.environ["DISK"])))
-EOF
-"""
-
-
-def test_a_full_disk_during_the_model_h5_write_keeps_the_previous_one(tmp_path):
-    # The seed network's model.h5 (16 MB) does not fit on a 4 MB tmpfs: a plain OSError, no crash.
-    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
-        pytest.skip("needs unshare -rm (user and mount namespaces) to mount a small tmpfs")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    env = dict(os.environ, DISK=str(disk), PYTHON=sys.executable)  # the tests' own Python, venv or not
-    run = subprocess.run(["unshare", "-rm", "bash", "-c", FULL_DISK_H5], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines() == ["ENOSPC", "1 ['model.h5']"]
-
-
-def test_ctrl_c_while_the_libraries_load_is_quiet(tmp_path):
-    process = subprocess.Popen([sys.executable, "train.py", "--workdir", str(tmp_path / "w")], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    time.sleep(0.5)  # TensorFlow, JAX and orbax take seconds to import
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 130 and "Traceback" not in stderr, stderr
-
-
-@pytest.mark.slow
-def test_sigterm_while_finishing_the_last_epoch_is_said(tmp_path, mnist_dir):
-    # The signal is sent while the last epoch's outputs are being written (its metrics line is there, the
-    # process frozen so it cannot finish first): the run completes, says so, and exits 128+15.
-    workdir = Workdir(tmp_path / "run")
-    for _ in range(3):
-        process = subprocess.Popen([sys.executable, "train.py", "--workdir", str(workdir.path), *SMALL,
-                                    "--max-steps", str(EPOCH), "--no-resume"], cwd=ROOT, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)  # fmt: skip
-        while process.poll() is None and not workdir.metrics_file.is_file():
-            time.sleep(0.001)
-        process.send_signal(signal.SIGSTOP)
-        finished = process.poll() is not None
-        process.send_signal(signal.SIGTERM)
-        process.send_signal(signal.SIGCONT)
-        _, stderr = process.communicate(timeout=300)
-        if not finished:
-            break
-    assert process.returncode == 128 + signal.SIGTERM, stderr
-    assert only_line(stderr) == f"train.py: SIGTERM while finishing: the run is complete and saved at step {EPOCH}"
-    assert keras_h5.recorded_step(workdir.model) == EPOCH
-
-
 @pytest.mark.slow
 def test_a_workdir_keeps_its_own_network_when_the_preset_changes(tmp_path, monkeypatch, mnist_dir):
     import dataclasses
     import json
 
-    import train as train_script
     from model import trained
-    from pipeline.flags import run
 
     workdir = Workdir(tmp_path / "run")
-    assert train(workdir.path, "--max-steps", str(EPOCH)).returncode == 0
+    assert train(workdir.path, "--max-steps", str(TINY_EPOCH)).returncode == 0
     original = nets.DEFAULT.layers
     assert nets.layers_from_json(workdir.read_config()["layers"]) == original
     # Today's default preset gets a narrower first convolution than the one the run was trained with.
@@ -298,12 +221,9 @@ def test_a_workdir_keeps_its_own_network_when_the_preset_changes(tmp_path, monke
     nets.probabilities(model.network, model.variables, np.zeros((1, 28, 28, 1), np.uint8))
 
     # Resumed in-process (where the changed preset is in force), it finishes with its own network.
-    monkeypatch.setattr(sys, "argv", ["train.py", "--workdir", str(workdir.path), *SMALL])
-    with pytest.raises(SystemExit) as stop:
-        run(train_script.main, "train.py")
-    assert stop.value.code == 0
+    assert train(workdir.path).returncode == 0
     assert keras_h5.read(workdir.model).network.layers == original
-    assert keras_h5.recorded_step(workdir.model) == 2 * EPOCH
+    assert keras_h5.recorded_step(workdir.model) == 2 * TINY_EPOCH
 
     # A workdir that does not record its network: today's preset only if its checkpoint fits it exactly.
     config = workdir.read_config()
@@ -313,36 +233,3 @@ def test_a_workdir_keeps_its_own_network_when_the_preset_changes(tmp_path, monke
         trained.from_workdir(workdir.path)
     monkeypatch.setitem(nets.PRESETS, "default", nets.DEFAULT)
     assert trained.from_workdir(workdir.path).network.layers == original
-
-
-@pytest.mark.slow
-def test_a_live_workdir_is_read_every_time_while_its_training_removes_checkpoints(tmp_path, mnist_dir, capfd):
-    """eval.py and predict.py read a workdir whose training saves a checkpoint every step and removes the
-    old ones meanwhile: every load takes the newest whole checkpoint, and nothing is said of the others.
-    Then the terminal that started the run closes (SIGHUP): it saves, says so in one line and exits 128+1."""
-    from model import trained
-
-    workdir = Workdir(tmp_path / "run")
-    process = subprocess.Popen([sys.executable, "train.py", "--workdir", str(workdir.path), *SMALL, "--epochs", "40",
-                                "--checkpoint-every", "1"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        while process.poll() is None and not (workdir.checkpoints / "3").is_dir():
-            time.sleep(0.001)
-        loads, failures = 0, []
-        while process.poll() is None and loads < 60:
-            try:
-                trained.from_workdir(workdir.path)
-                loads += 1
-            except Exception as error:  # what a user would see as a traceback
-                failures.append(f"{type(error).__name__}: {error}")
-    finally:
-        process.send_signal(signal.SIGHUP)
-        _, stderr = process.communicate(timeout=300)
-    assert loads >= 20 and not failures, failures
-    assert capfd.readouterr().err == ""
-    assert process.returncode == 128 + signal.SIGHUP, stderr
-    step = Checkpoints(workdir.checkpoints).latest_step()
-    assert only_line(stderr) == (
-        f"train.py: SIGHUP: saved step {step} in {workdir.checkpoints}; rerun the same command to continue"
-    )

@@ -123,7 +123,7 @@ def test_model_h5_opens_in_keras_and_matches_flax(tmp_path, preset, members):
 
     spec = CELL_READER if preset == "cells" else nets.get_preset(preset)
     network = nets.build(spec, 5, members)
-    shape = spec.image_shape(5)
+    shape = spec.checked_image_size(5)
     variables = jax.tree.map(np.asarray, nets.init_variables(network, shape, seed=3))
     # Every weight moved a little and the batch-norm statistics a lot, so that a wrong mapping of any would
     # show; the outputs stay far from one-hot, so that they show it.
@@ -146,7 +146,7 @@ def test_model_h5_opens_in_keras_and_matches_flax(tmp_path, preset, members):
     np.testing.assert_allclose(np.stack(outputs, axis=1), flax_probs, atol=1e-5)
 
     back = keras_h5.read(path)
-    assert (back.network, back.image_shape, back.preset, back.layout) == (network, shape, preset, "mixed")
+    assert (back.network, back.image_size, back.preset, back.layout) == (network, shape, preset, "mixed")
     assert jax.tree.all(jax.tree.map(np.array_equal, back.variables, variables))
 
 
@@ -166,7 +166,7 @@ def test_model_h5_bad_files_give_one_sentence(tmp_path):
     relabelled.write_bytes(good.read_bytes())
     with h5py.File(relabelled, "r+") as f:
         description = json.loads(f.attrs["digitseq"])
-        f.attrs["digitseq"] = json.dumps(description | {"image_shape": [28, 140]})
+        f.attrs["digitseq"] = json.dumps(description | {"image_size": [28, 140]})
     poisoned = tmp_path / "poisoned.h5"  # one batch-norm beta NaN, as a diverged run would leave it
     default, default_shape = nets.build(nets.DEFAULT, 2), (28, 56)
     keras_h5.write(poisoned, default, default_shape, nets.init_variables(default, default_shape, 0), "default")
@@ -197,10 +197,10 @@ def test_a_failed_write_keeps_the_previous_model_h5(tmp_path):
 
 
 def test_presets_check_the_image_size():
-    assert nets.DEFAULT.image_shape(5) == (28, 140) and nets.SEED.image_shape(3) == (64, 64)
-    assert nets.DEFAULT.image_shape(5, (64, 64)) == (64, 64)  # the localiser finds digits at any width
+    assert nets.DEFAULT.checked_image_size(5) == (28, 140) and nets.SEED.checked_image_size(3) == (64, 64)
+    assert nets.DEFAULT.checked_image_size(5, (64, 64)) == (64, 64)  # the localiser finds digits at any width
     with pytest.raises(ValueError, match="divides into 5 equal columns"):
-        CELL_READER.image_shape(5, (64, 64))
+        CELL_READER.checked_image_size(5, (64, 64))
     with pytest.raises(ValueError, match="unknown preset 'big'"):
         nets.get_preset("big")
 
@@ -213,5 +213,7 @@ def test_a_model_h5_written_before_layouts_reads_as_cells(tmp_path):
     with h5py.File(path, "r+") as f:
         description = json.loads(f.attrs["digitseq"])
         del description["layout"]
+        description["image_shape"] = description.pop("image_size")  # the image size's name in older files
         f.attrs["digitseq"] = json.dumps(description)
-    assert keras_h5.read(path).layout == "cells"
+    model = keras_h5.read(path)
+    assert model.layout == "cells" and model.image_size == shape

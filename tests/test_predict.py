@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import command
+from conftest import command, run
 from handwritten import predicted, read_right, write_numbers
 from PIL import Image
 
@@ -21,7 +21,7 @@ def exported(tmp_path_factory, mnist_dir):
     out = {}
     for layout in ("free", "cells"):
         flags = ["--examples", "12", "--max-digits", "2", "--layout", layout, "--out", str(folder / f"{layout}.npz")]
-        result = command("-m", "pipeline.export", *flags)
+        result = run("-m", "pipeline.export", *flags)
         assert result.returncode == 0, result.stderr
         data = np.load(folder / f"{layout}.npz")
         paths = []
@@ -42,6 +42,7 @@ def test_exported_pngs_read_as_the_model_reads_the_exported_set(trained_workdir,
     """Framing a free-layout sequence again changes next to nothing: from its PNG file the model reads what
     it reads in the exported array itself."""
     paths, images, labels = exported["free"]
+    # As a user types it, in a process of its own (the other tests of the command call it in this one).
     result = command("predict.py", *paths, "--weights", str(trained_workdir / "model.h5"))
     assert result.returncode == 0, result.stderr
     assert [line.split(": ")[0] for line in result.stdout.splitlines()] == paths
@@ -53,7 +54,7 @@ def test_exported_pngs_read_as_the_model_reads_the_exported_set(trained_workdir,
 
 def test_photo_like_images_read_as_their_labels(trained_workdir, exported):
     paths, _, labels = exported["cells"]
-    result = command("predict.py", *paths, "--workdir", str(trained_workdir), "--probs")
+    result = run("predict.py", *paths, "--workdir", str(trained_workdir), "--probs")
     assert result.returncode == 0, result.stderr
     got = list(predicted(result.stdout).values())
     assert sum(a == b for a, b in zip(got, labels, strict=True)) >= 10, (got, labels)
@@ -105,8 +106,8 @@ def test_bad_files_get_one_line_each_and_the_rest_are_read(trained_workdir, expo
     (tmp_path / "notes.png").write_text("not pixels")
     bad = [str(tmp_path / "empty.png"), str(tmp_path / "notes.png"), str(tmp_path / "missing.png")]
     model = str(trained_workdir / "model.h5")
-    good = command("predict.py", paths[0], paths[1], "--weights", model)
-    result = command("predict.py", bad[0], paths[0], bad[1], bad[2], paths[1], "--weights", model)
+    good = run("predict.py", paths[0], paths[1], "--weights", model)
+    result = run("predict.py", bad[0], paths[0], bad[1], bad[2], paths[1], "--weights", model)
     assert result.returncode == 1
     assert result.stdout == good.stdout
     errors = result.stderr.strip().splitlines()
@@ -115,5 +116,5 @@ def test_bad_files_get_one_line_each_and_the_rest_are_read(trained_workdir, expo
 
 
 def test_no_model_is_one_line(tmp_path):
-    result = command("predict.py", "x.png", "--weights", str(tmp_path / "none.h5"))
+    result = run("predict.py", "x.png", "--weights", str(tmp_path / "none.h5"))
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
