@@ -97,8 +97,10 @@ def main(argv: list[str] | None = None) -> int | None:
     )  # fmt: skip
     parser.add_argument(
         "--distortions", type=flags.distortion_names, default=(), metavar="NAMES",
-        help="build the test sequences of MNIST test digits as other pens, hands and paper would have written "
-        f"them: {flags.distortions_help('(default: none: MNIST test digits as they are)').split(': ', 1)[1]}",
+        help=flags.distortions_help(
+            "(default: none: MNIST test digits as they are)",
+            "build the test sequences of MNIST test digits as other pens, hands and paper would have written them",
+        ),
     )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument(

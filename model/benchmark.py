@@ -29,6 +29,7 @@ from model import networks as nets
 
 PROG = "python -m model.benchmark"
 
+
 def _flax_timer(preset: nets.Preset, batch: dict, positions: int):
     network = nets.build(preset, positions)
     image_size = batch["image"].shape[1:3]

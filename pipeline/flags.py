@@ -107,12 +107,15 @@ LAYOUT_HELP = (
 )
 
 
-def distortions_help(default: str) -> str:
+def distortions_help(
+    default: str, what: str = "the digits as other pens, hands and paper would have written them"
+) -> str:
+    """--distortions' help: `what` they do, the names to choose from, the `default`."""
     from pipeline.distort import DISTORTIONS
 
     return (
-        "the digits as other pens, hands and paper would have written them: a comma-separated list of "
-        f"{', '.join(DISTORTIONS)}; or all, or none (see pipeline/distort.py) {default}"
+        f"{what}: a comma-separated list of {', '.join(DISTORTIONS)}; or all, or none (see pipeline/distort.py) "
+        f"{default}"
     )
 
 
