@@ -3,12 +3,12 @@
     from digitseq import Reader
 
     reader = Reader.load("runs/default/model.h5")      # or a train.py workdir
-    for reading in reader.read(["photo.jpg", pixels]):  # paths, or image arrays
-        print(reading.digits, reading.probabilities.shape)  # '4711', (5, 11)
+    for reading in reader.read(["photo.jpg", upload_bytes, open("scan.png", "rb"), pixels]):
+        print(reading.digits, f"{reading.confidence:.0%}", reading.probabilities.shape)  # '4711' 97% (5, 11)
 
-Each image becomes the model's input by the rule in `pipeline.images` (framed, for a model of
-written numbers; cut into cells, for a model of the cell layout), and the images go through the
-network in batches.
+Each image (a path, the file's bytes, an open binary file, or an array) becomes the model's
+input by the rule in `pipeline.images` (framed, for a model of written numbers; cut into cells,
+for a model of the cell layout), and the images go through the network in batches.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pipeline  # noqa: F401  (first: configures TensorFlow's logging and threa
 from model import networks as nets
 from model import trained
 from model.metrics import BLANK
-from pipeline.images import ImageFileError, model_input
+from pipeline.images import ImageFileError, Source, model_input
 
 __all__ = ["ImageFileError", "Reader", "Reading"]
 
@@ -34,6 +34,10 @@ class Reading:
 
     digits: str  # the predicted digits, left to right, blanks dropped ('' when it sees none)
     probabilities: np.ndarray  # [positions, 11]: each position's probabilities of 0–9 and blank
+    confidence: float  # how likely `digits` is right, 0–1 (`confidence`; docs/demo.md measures it)
+    image: np.ndarray  # the picture the network was given: uint8 [height, width], white ink on black
+    where: np.ndarray | None  # [positions, width]: where each position looked, weights over the image's
+    # columns summing to 1 (the reader's, `Attend`); None for a network without it (the seed preset)
 
 
 class Reader:
@@ -48,8 +52,9 @@ class Reader:
         path = Path(path)
         return cls(trained.from_workdir(path, checkpoint) if path.is_dir() else trained.from_weights(path))
 
-    def prepare(self, image: str | Path | np.ndarray) -> np.ndarray:
-        """An image file or array → the model's input, uint8 [H, W]. Raises ImageFileError (one sentence)."""
+    def prepare(self, image: Source) -> np.ndarray:
+        """An image (a path, bytes, a binary file or an array) → the model's input, uint8 [H, W].
+        Raises ImageFileError (one sentence)."""
         model = self.model
         return model_input(image, model.image_size, model.network.positions, model.reads)
 
@@ -57,14 +62,38 @@ class Reader:
         """Inputs from `prepare` → what the model reads in each, in order."""
         if not inputs:
             return []
-        probabilities = nets.read_in_batches(self.model.network, self.model.variables, np.stack(inputs)[..., None])
-        return [Reading(digits(p), p) for p in probabilities]
+        model, images = self.model, np.stack(inputs)
+        looked = nets.where_looked(model.network, model.variables, images[..., None])
+        if looked is None:
+            probabilities, where = nets.read_in_batches(model.network, model.variables, images[..., None]), None
+        else:
+            probabilities, where = looked[0], over_columns(looked[1], images.shape[2])
+        return [
+            Reading(digits(p), p, confidence(p, model.label_smoothing), image, None if where is None else where[i])
+            for i, (p, image) in enumerate(zip(probabilities, images, strict=True))
+        ]
 
-    def read(self, images: Iterable[str | Path | np.ndarray]) -> list[Reading]:
-        """Image files (paths) or arrays → what the model reads in each, in order."""
+    def read(self, images: Iterable[Source]) -> list[Reading]:
+        """Images (paths, bytes, binary files or arrays) → what the model reads in each, in order."""
         return self.read_prepared([self.prepare(image) for image in images])
 
 
 def digits(probabilities: np.ndarray) -> str:
     """[K, 11] → the predicted digits, blanks dropped."""
     return "".join(str(c) for c in probabilities.argmax(-1) if c != BLANK)
+
+
+def confidence(probabilities: np.ndarray, label_smoothing: float = 0.0) -> float:
+    """[K, 11] → how likely the reading is right: each position's top probability with the training's
+    label smoothing ε undone — a network taught targets of 1 − ε + ε/11 learns to top out there, so
+    p ↦ (p − ε/11) / (1 − ε) — multiplied over the positions (each must be right)."""
+    top = probabilities.max(-1).astype(np.float64)
+    top = np.clip((top - label_smoothing / nets.NUM_CLASSES) / (1.0 - label_smoothing), 0.0, 1.0)
+    return float(np.prod(top))
+
+
+def over_columns(weights: np.ndarray, width: int) -> np.ndarray:
+    """[..., columns] weights over the network's feature columns → [..., width] over the image's pixel
+    columns (each feature column spread over the pixels it stands for), summing to 1."""
+    pixels = weights[..., np.arange(width) * weights.shape[-1] // width]
+    return pixels / pixels.sum(-1, keepdims=True)

@@ -305,11 +305,13 @@ def write(
     preset: str,
     step: int | None = None,
     layout: str = RECORDED_BEFORE["layout"],
+    label_smoothing: float | None = None,
 ) -> None:
     """Writes model.h5 atomically: a failed write leaves any previous file as it was.
 
     `step`: the training step of the weights, recorded so that a rerun can tell a stale file.
     `layout`: the layout of the sequences it was trained on, recorded so that it is read that way.
+    `label_smoothing`: of its training, recorded so that a reader can undo it (a reading's confidence).
     The file is built in memory and written by `atomic_write`: HDF5 never meets a full disk
     (where it crashes) and a failed write is one OSError.
     """
@@ -333,6 +335,7 @@ def write(
         "layers": nets.layers_to_json(network.layers),
         "layout": layout,
         "step": step,
+        "label_smoothing": label_smoothing,
     }
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as file:
@@ -373,6 +376,7 @@ class ModelFile:
     variables: dict
     preset: str
     layout: str  # of the sequences it was trained on ("cells" in a file written before layouts)
+    label_smoothing: float | None  # of its training (None: a file written before it was recorded)
 
 
 def read(path: str | Path) -> ModelFile:
@@ -396,6 +400,8 @@ def read(path: str | Path) -> ModelFile:
             image_size = tuple(int(s) for s in description.get("image_size", description.get("image_shape")))
             preset = str(description["preset"])
             layout = str(description.get("layout", RECORDED_BEFORE["layout"]))
+            smoothing = description.get("label_smoothing")
+            label_smoothing = None if smoothing is None else float(smoothing)
         except (KeyError, TypeError, ValueError) as error:
             raise ModelFileError(f"{path} has an unreadable digitseq description ({error})") from None
         single = nets.Network(layers=layers, positions=network.positions)  # each member's network
@@ -409,10 +415,10 @@ def read(path: str | Path) -> ModelFile:
         prefixes = [""] if members == 1 else [f"member_{m + 1}_" for m in range(members)]
         found = [_read_member(path, file, layers, expected, prefix) for prefix in prefixes]
     if members == 1:
-        return ModelFile(network, image_size, found[0], preset, layout)
+        return ModelFile(network, image_size, found[0], preset, layout, label_smoothing)
     stacked = jax.tree.map(lambda *leaves: np.stack(leaves), *found)
     variables = {name: {"members": tree} for name, tree in stacked.items() if tree}
-    return ModelFile(network, image_size, variables, preset, layout)
+    return ModelFile(network, image_size, variables, preset, layout, label_smoothing)
 
 
 def _read_member(path: Path, file: h5py.File, layers, expected: dict, prefix: str) -> dict:

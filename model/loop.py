@@ -376,7 +376,7 @@ def write_model(run: Run) -> None:
         with writing(run, run.workdir.model):
             keras_h5.write(
                 run.workdir.model, run.network, run.config.image_size, variables, run.config.preset, step,
-                layout=run.config.layout,
+                layout=run.config.layout, label_smoothing=run.config.label_smoothing,
             )  # fmt: skip
 
 

@@ -486,37 +486,44 @@ def probabilities(network: Network, variables: dict, images: np.ndarray) -> np.n
 READ_BATCH = 256  # images per network call when reading; fewer are padded to the next power of two
 
 
-def read_in_batches(network: Network, variables: dict, images: np.ndarray) -> np.ndarray:
-    """Any number of images uint8 [N, H, W, 1] → probabilities [N, positions, 11], READ_BATCH at a time:
-    how predict.py reads. Padding to powers of two keeps the compiled shapes few."""
+def _in_batches(apply: Callable, images: np.ndarray):
+    """`apply` over uint8 [N, H, W, 1] images READ_BATCH at a time; its outputs (arrays, or a tuple of
+    them, each [batch, ...]) joined. Padding to powers of two keeps the compiled shapes few."""
     parts = []
     for start in range(0, len(images), READ_BATCH):
         chunk = images[start : start + READ_BATCH]
         padded = 1 << (len(chunk) - 1).bit_length()
         if padded > len(chunk):
             chunk = np.concatenate([chunk, np.zeros((padded - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-        parts.append(probabilities(network, variables, chunk)[: min(READ_BATCH, len(images) - start)])
-    return np.concatenate(parts) if parts else np.zeros((0, network.positions, 11), np.float32)
+        real = min(READ_BATCH, len(images) - start)
+        parts.append(jax.tree.map(lambda out, real=real: np.asarray(out)[:real], apply(chunk)))
+    return jax.tree.map(lambda *outs: np.concatenate(outs), *parts)
+
+
+def read_in_batches(network: Network, variables: dict, images: np.ndarray) -> np.ndarray:
+    """Any number of images uint8 [N, H, W, 1] → probabilities [N, positions, 11]: how predict.py reads."""
+    if not len(images):
+        return np.zeros((0, network.positions, 11), np.float32)
+    return _in_batches(lambda chunk: probabilities(network, variables, chunk), images)
 
 
 @functools.lru_cache(maxsize=4)
 def _jitted_where(network: Network) -> Callable:
     def apply(variables, images):
         logits, state = network.apply(variables, to_input(images), train=False, mutable=["intermediates"])
-        return jax.nn.softmax(logits), jax.tree.leaves(state["intermediates"])[0]
+        weights = jax.tree.leaves(state["intermediates"])[0]
+        return jax.nn.softmax(logits), weights[0] if network.members > 1 else weights
 
     return jax.jit(apply)
 
 
 def where_looked(network: Network, variables: dict, images: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Images uint8 [B, H, W, 1] → (class probabilities [B, positions, 11], the weights each position
-    of the reader (`Attend`) gives the feature columns [B, positions, columns]: where it looked; of an
-    ensemble, its first member's). None for a network without that reader."""
-    if not any(isinstance(layer, Attend) for layer in network.layers):
+    """Any number of images uint8 [N, H, W, 1] → (class probabilities [N, positions, 11], the weights
+    each position of the reader (`Attend`) gives the feature columns [N, positions, columns]: where it
+    looked; of an ensemble, its first member's). None for a network without that reader."""
+    if not any(isinstance(layer, Attend) for layer in network.layers) or not len(images):
         return None
-    probabilities, weights = _jitted_where(network)(variables, images)
-    weights = np.asarray(weights)
-    return np.asarray(probabilities), weights[0] if network.members > 1 else weights
+    return _in_batches(lambda chunk: _jitted_where(network)(variables, chunk), images)
 
 
 def first_activations(network: Network, variables: dict, images: np.ndarray) -> np.ndarray:

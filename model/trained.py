@@ -20,6 +20,7 @@ class Trained:
     description: str  # what was loaded, for reports
     workdir: Workdir | None  # the training run it came from, when known (its metrics.jsonl)
     layout: str  # of the sequences it was trained on: "cells", "free" or "mixed"
+    label_smoothing: float  # of its training: its probabilities' ceiling (0.0 where unknown)
 
     @property
     def reads(self) -> str:
@@ -89,15 +90,20 @@ def from_workdir(path: Path, checkpoint: str = "latest") -> Trained:
     network = recorded_network(workdir, config, variables)
     layout = config["layout"]
     description = f"{path} step {step} ({config['preset']}, {layout} layout)"
-    return Trained(network, tuple(config["image_size"]), variables, description, workdir, layout)
+    smoothing = float(config.get("label_smoothing", 0.0))
+    return Trained(network, tuple(config["image_size"]), variables, description, workdir, layout, smoothing)
 
 
 def from_weights(path: Path) -> Trained:
     """A model.h5 written by train.py: the network is rebuilt from the file."""
     model = keras_h5.read(path)
     workdir = Workdir(path.parent)
+    run = workdir if workdir.holds_a_run() else None
+    smoothing = model.label_smoothing
+    if smoothing is None:  # a file written before it was recorded: the run beside it knows
+        try:
+            smoothing = float(run.read_config().get("label_smoothing", 0.0)) if run else 0.0
+        except (OSError, TypeError, ValueError):  # a damaged config.json does not stop the model being read
+            smoothing = 0.0
     description = f"{path} ({model.preset}, {model.layout} layout)"
-    return Trained(
-        model.network, model.image_size, model.variables, description, workdir if workdir.holds_a_run() else None,
-        model.layout,
-    )  # fmt: skip
+    return Trained(model.network, model.image_size, model.variables, description, run, model.layout, smoothing)

@@ -1,10 +1,11 @@
 """A user's image (a file, or an array) → the layout the model reads.
 
 The rule (docs/commands.md, "predict.py"):
-1. A file is read with Pillow, EXIF rotation applied, to grayscale (colour ink and paper by
-   their brightness); transparent areas count as white; a photo over ANALYSIS_PIXELS is reduced
-   by a whole factor (the number ends up 28 pixels high: more detail is never used). An array is
-   taken as grayscale (RGB averaged; floats in [0, 1] scaled to 0–255).
+1. A file (a path, its bytes, or an open binary file) is read with Pillow, EXIF rotation applied,
+   to grayscale (colour ink and paper by their brightness); transparent areas count as white; one
+   under MIN_SIDE or over MAX_PIXELS is refused; a photo over ANALYSIS_PIXELS is reduced by a
+   whole factor (the number ends up 28 pixels high: more detail is never used). An array is taken
+   as grayscale (RGB averaged; floats in [0, 1] scaled to 0–255).
 2. Dark ink on lighter paper is inverted, so digits are white on black as in MNIST
    (`pipeline.framing.white_on_black`: what stands out of the local paper decides, not the border).
 3. For a model that reads written numbers (trained on the free or mixed layout) the image is
@@ -26,8 +27,10 @@ The rule (docs/commands.md, "predict.py"):
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import tensorflow as tf
@@ -36,6 +39,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pipeline import framing
 from pipeline.sequences import TILE, resize
 
+MIN_SIDE = 8  # pixels each way: less cannot hold a digit (MNIST's are 20 px high)
 MAX_PIXELS = 40_000_000  # refused before decoding: a 20000×20000 header must not allocate 400 MB
 ANALYSIS_PIXELS = 2_000_000  # a larger photo is reduced to about this (a 12-megapixel one by 3 each way)
 
@@ -44,22 +48,55 @@ class ImageFileError(ValueError):
     """An image file that cannot be read; the message is one sentence naming the file."""
 
 
-def read_gray(path: str | Path) -> np.ndarray:
-    """The file's pixels as uint8 [h, w], grayscale, white digits on black (steps 1–2)."""
-    path = Path(path)
+def _too_small(name: str, width: int, height: int) -> str:
+    return f"{name} is {width}x{height} pixels, too small to hold a digit (at least {MIN_SIDE} pixels each way)"
+
+
+# What the library reads: a file's path, its bytes (an upload), an open binary file, or pixels.
+Source = str | Path | bytes | BinaryIO | np.ndarray
+
+
+def _opened(source: str | Path | bytes | BinaryIO) -> tuple[str, BinaryIO]:
+    """A file's name for messages, and the file to decode. Refuses what holds nothing to decode."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if not len(source):
+            raise ImageFileError("the file is empty (0 bytes)")
+        return "the file", io.BytesIO(source)
+    if hasattr(source, "read"):
+        name = getattr(source, "name", None)
+        name = str(name) if isinstance(name, str) else "the file"
+        data = source.read()  # whole: Pillow needs to seek, and a socket or pipe cannot
+        if not isinstance(data, bytes):
+            raise ImageFileError(f"{name} is opened as text; open it in binary mode ('rb')")
+        if not data:
+            raise ImageFileError(f"{name} is empty (0 bytes)")
+        return name, io.BytesIO(data)
+    path = Path(source)
     if not path.exists():
         raise ImageFileError(f"{path} does not exist")
     if path.is_dir():
         raise ImageFileError(f"{path} is a folder, not an image file")
     if path.stat().st_size == 0:
         raise ImageFileError(f"{path} is empty (0 bytes)")
+    return str(path), path.open("rb")
+
+
+def read_gray(source: str | Path | bytes | BinaryIO) -> np.ndarray:
+    """The image file's pixels (a path, bytes or a binary file) as uint8 [h, w], grayscale, white
+    digits on black (steps 1–2)."""
+    try:
+        path, file = _opened(source)
+    except PermissionError:
+        raise ImageFileError(f"{source} cannot be read: permission denied") from None
     try:
         with warnings.catch_warnings():
             # Pillow's warnings (a large image, a corrupt EXIF block) are not the user's business: the
             # size is checked below, and the pixels are what count.
             warnings.simplefilter("ignore")
-            with Image.open(path) as image:
+            with file, Image.open(file) as image:
                 width, height = image.size  # from the header: nothing decoded yet
+                if min(width, height) < MIN_SIDE:
+                    raise ImageFileError(_too_small(path, width, height))
                 if width * height > MAX_PIXELS:
                     raise ImageFileError(
                         f"{path} is {width}x{height} pixels, more than the {MAX_PIXELS // 1_000_000} megapixels "
@@ -99,6 +136,8 @@ def gray_array(array: np.ndarray) -> np.ndarray:
         pixels = pixels[..., :3].mean(axis=-1) if pixels.shape[-1] >= 3 else pixels[..., 0]
     if pixels.ndim != 2 or min(pixels.shape) < 1:
         raise ImageFileError(f"an image array must be [height, width] or [height, width, channels], not {array.shape}")
+    if min(pixels.shape) < MIN_SIDE:
+        raise ImageFileError(_too_small("the image array", pixels.shape[1], pixels.shape[0]))
     if np.issubdtype(pixels.dtype, np.floating):
         if not np.isfinite(pixels).all():
             raise ImageFileError("an image array holds NaN or infinite values")
@@ -155,11 +194,9 @@ def _mnist_cell(column: np.ndarray) -> np.ndarray:
     return cell
 
 
-def model_input(
-    image: str | Path | np.ndarray, image_size: tuple[int, int], max_digits: int, layout: str = "cells"
-) -> np.ndarray:
-    """An image file (a path) or array as a model of `layout` ("cells" or "free") reads it: uint8
-    [height, width] (steps 1–5)."""
+def model_input(image: Source, image_size: tuple[int, int], max_digits: int, layout: str = "cells") -> np.ndarray:
+    """An image file (a path, its bytes or the open file) or array as a model of `layout` ("cells" or
+    "free") reads it: uint8 [height, width] (steps 1–5)."""
     gray = gray_array(image) if isinstance(image, np.ndarray) else read_gray(image)
     native_shape = (TILE, TILE * max_digits)
     if layout == "free":

@@ -155,7 +155,9 @@ def test_arrays_read_as_their_files_do(tmp_path, pools):
         assert np.array_equal(model_input(array, (28, 140), 5, layout="free"), from_file)
     with pytest.raises(ImageFileError, match="must be \\[height, width\\]"):
         model_input(np.zeros((2, 3, 4, 5)), (28, 140), 5)
-    assert np.array_equal(gray_array(np.full((4, 4), 0.0)), np.zeros((4, 4), np.uint8))
+    assert np.array_equal(gray_array(np.full((8, 8), 0.0)), np.zeros((8, 8), np.uint8))
+    with pytest.raises(ImageFileError, match="the image array is 7x8 pixels, too small to hold a digit"):
+        gray_array(np.zeros((8, 7)))
 
 
 def _on_paper(number: np.ndarray, ink=(25, 40, 150), paper=(240, 228, 190), light=None, grain=0.0, seed=0):
