@@ -1,0 +1,370 @@
+"""demo.py: the server's answers and refusals, a load of clients (the benchmark), and the page in a real
+browser (headless Chromium driven by Selenium: Debian's `chromium` and `chromium-driver`; .ci/run
+installs them) — digits written with pointer strokes, a photo opened, the error of a bad file."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+import struct
+import threading
+import zlib
+from http.client import HTTPConnection
+
+import numpy as np
+import pytest
+from conftest import run
+from PIL import Image
+
+import demo
+from digitseq import Reader
+
+pytestmark = pytest.mark.slow  # they read with a model trained for them (the trained_workdir fixture)
+
+
+@pytest.fixture(scope="module")
+def reader(trained_workdir) -> Reader:
+    return Reader.load(trained_workdir)
+
+
+@pytest.fixture(scope="module")
+def server(reader):
+    """demo.py's server on a free port, serving in a thread of this process."""
+    server = demo.serve(reader, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def request(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    connection = HTTPConnection(*server.server_address[:2], timeout=60)
+    connection.request(method, path, body, headers or {})
+    response = connection.getresponse()
+    content = response.read()
+    connection.close()
+    return response, content
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_of(width: int, height: int, data: bool = True) -> bytes:
+    """A grayscale PNG of width × height white pixels, written row by row (its size is its compressed
+    data: a 10,000 × 10,000 one is ~100 kB); with data=False only its header's claim."""
+
+    def chunk(kind: bytes, content: bytes) -> bytes:
+        return struct.pack(">I", len(content)) + kind + content + struct.pack(">I", zlib.crc32(kind + content))
+
+    compressor, row, parts = zlib.compressobj(9), b"\0" + b"\xff" * width, []
+    for _ in range(height if data else 1):
+        parts.append(compressor.compress(row))
+    parts.append(compressor.flush())
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+
+
+def test_the_library_reads_bytes_and_open_files_as_it_reads_paths(reader, tmp_path):
+    number = np.full((60, 120), 255, np.uint8)
+    number[15:45, 30:36] = 0  # a "1"
+    number[15:20, 60:85], number[15:45, 80:85] = 0, 0  # a "7"
+    path = tmp_path / "17.png"
+    path.write_bytes(png(number))
+    with path.open("rb") as file:
+        readings = reader.read([path, path.read_bytes(), file, io.BytesIO(path.read_bytes()), number])
+    for reading in readings[1:]:
+        assert reading.digits == readings[0].digits
+        np.testing.assert_array_equal(reading.image, readings[0].image)
+        np.testing.assert_allclose(reading.probabilities, readings[0].probabilities, atol=1e-6)
+    first = readings[0]
+    assert 0.0 <= first.confidence <= 1.0 and first.image.shape == reader.model.image_size
+    assert first.where.shape == (2, reader.model.image_size[1])
+    np.testing.assert_allclose(first.where.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_confidence_undoes_label_smoothing_and_multiplies_the_positions():
+    from digitseq import confidence
+
+    smoothed = np.full((2, 11), 0.01)
+    smoothed[:, 3] = 1 - 0.1 + 0.1 / 11  # what a network taught ε = 0.1 tops out at
+    assert confidence(smoothed, 0.1) == pytest.approx(1.0)
+    assert confidence(smoothed, 0.0) == pytest.approx((1 - 0.1 + 0.1 / 11) ** 2)
+    unsure = smoothed.copy()
+    unsure[1, 3] = 0.5
+    assert confidence(unsure, 0.1) == pytest.approx((0.5 - 0.1 / 11) / 0.9)
+
+
+def test_a_model_h5_records_its_label_smoothing(trained_workdir, reader):
+    from model import trained
+
+    assert trained.from_weights(trained_workdir / "model.h5").label_smoothing == reader.model.label_smoothing == 0.1
+
+
+def test_a_read_answers_the_digits_how_sure_each_positions_candidates_and_where_it_looked(server, reader):
+    number = np.full((56, 112), 255, np.uint8)
+    number[8:48, 24:32] = 0  # a "1"
+    body = png(number)
+    response, content = request(server, "POST", "/api/read", body, {"Content-Type": "image/png"})
+    assert response.status == 200 and response.getheader("Content-Type") == "application/json"
+    answer = json.loads(content)
+    expected = reader.read([body])[0]
+    assert answer["digits"] == expected.digits and answer["confidence"] == pytest.approx(expected.confidence, abs=1e-4)
+    assert len(answer["positions"]) == 2
+    for position, probabilities in zip(answer["positions"], expected.probabilities, strict=True):
+        assert len(position["candidates"]) == demo.TOP and len(position["where"]) == reader.model.image_size[1]
+        best = position["candidates"][0]
+        assert best["label"] == demo.CLASSES[probabilities.argmax()]
+        assert best["probability"] == pytest.approx(probabilities.max(), abs=1e-4)
+    image = Image.open(io.BytesIO(__import__("base64").b64decode(answer["image"].split(",", 1)[1])))
+    np.testing.assert_array_equal(np.asarray(image), expected.image)
+
+
+@pytest.mark.parametrize(
+    "body,headers,status,message",
+    [
+        (b"", {}, 422, "the file is empty (0 bytes)"),
+        (b"these are not pixels", {}, 422, "the file is not an image Pillow can read"),
+        ("png:1x1", {}, 422, "the file is 1x1 pixels, too small to hold a digit"),
+        ("png:10000x10000", {}, 422, "the file is 10000x10000 pixels, more than the 40 megapixels read here"),
+        ("bomb", {}, 422, "too large to decode safely"),
+        ("png:600x200", {}, 422, "nothing to read: the image has no ink on it"),
+        (None, {"Content-Length": str(21 * 2**20)}, 413, "the image is 21.0 MB, more than the 20 MB read here"),
+        (None, {}, 411, "send the image file's bytes with a Content-Length"),
+    ],
+    ids=["empty-body", "not-an-image", "1x1", "10000x10000", "decompression-bomb", "empty-canvas", "too-large",
+         "no-length"],
+)  # fmt: skip
+def test_bad_input_is_a_json_sentence_and_the_server_goes_on(server, reader, body, headers, status, message):
+    if isinstance(body, str) and body.startswith("png:"):
+        width, height = map(int, body[4:].split("x"))
+        body = png_of(width, height)
+    elif body == "bomb":
+        body = png_of(60_000, 60_000, data=False)  # 3.6 gigapixels claimed in a few hundred bytes
+    if body is None and "Content-Length" in headers:  # claims a body it never sends: refused unread
+        connection = HTTPConnection(*server.server_address[:2], timeout=60)
+        connection.putrequest("POST", "/api/read")
+        connection.putheader("Content-Length", headers["Content-Length"])
+        connection.endheaders()
+        response = connection.getresponse()
+        content = response.read()
+        connection.close()
+    elif body is None:
+        connection = HTTPConnection(*server.server_address[:2], timeout=60)
+        connection.putrequest("POST", "/api/read")
+        connection.endheaders()
+        response = connection.getresponse()
+        content = response.read()
+        connection.close()
+    else:
+        response, content = request(server, "POST", "/api/read", body, headers)
+    assert response.status == status
+    assert response.getheader("Content-Type") == "application/json"
+    error = json.loads(content)["error"]
+    assert message in error and "\n" not in error
+    test_a_read_answers_the_digits_how_sure_each_positions_candidates_and_where_it_looked(server, reader)
+
+
+def test_other_paths_and_methods_are_refused_in_a_sentence(server):
+    response, content = request(server, "GET", "/nothing")
+    assert response.status == 404 and "no such page: /nothing" in json.loads(content)["error"]
+    response, content = request(server, "POST", "/api/other", b"x")
+    assert response.status == 404 and "images go to /api/read" in json.loads(content)["error"]
+    response, content = request(server, "DELETE", "/api/read")
+    assert response.status == 405
+
+
+def test_the_page_loads_nothing_from_elsewhere(server):
+    response, content = request(server, "GET", "/")
+    page = content.decode()
+    assert response.status == 200 and "<canvas" in page
+    assert "default-src 'self'" in response.getheader("Content-Security-Policy")
+    for outside in ("http://", "https://", "//fonts", "@import"):
+        assert outside not in page.replace("http://127.0.0.1", ""), outside
+    response, content = request(server, "GET", "/api/model")
+    model = json.loads(content)
+    assert model["positions"] == 2 and model["where"] is True
+
+
+def test_a_port_in_use_is_one_line(server, trained_workdir):
+    result = run("demo.py", str(trained_workdir), "--port", str(server.server_address[1]))
+    assert result.returncode == 2
+    assert f"port {server.server_address[1]} on 127.0.0.1 is in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_no_model_is_one_line(tmp_path):
+    result = run("demo.py", str(tmp_path / "none.h5"))
+    assert result.returncode == 2 and "no model at" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eight_clients_at_once_are_all_answered_as_the_library_reads(trained_workdir, mnist_dir):
+    result = run("demo.py", str(trained_workdir), "--benchmark", "--clients", "8", "--requests", "50")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    for way in ("batched", "one_at_a_time"):
+        assert figures[way]["requests"] == 400
+        assert figures[way]["failed"] == 0 and figures[way]["wrong"] == 0, figures[way]
+    assert figures["one_at_a_time"]["mean_batch"] == 1 and figures["batched"]["mean_batch"] > 1
+
+
+# --- in a browser --------------------------------------------------------------------------------------
+
+
+def _ellipse(cx, cy, rx, ry, start=-90.0, turn=360.0, points=20):
+    angles = [math.radians(start + turn * i / points) for i in range(points + 1)]
+    return [(cx + rx * math.cos(a), cy + ry * math.sin(a)) for a in angles]
+
+
+# Digits as a hand writes them with a pen: strokes of points in the digit's box, x 0–1 across its width
+# (0.6 of its height), y 0–1 down.
+STROKES = {
+    "0": [_ellipse(0.5, 0.5, 0.42, 0.5)],
+    "1": [[(0.3, 0.18), (0.55, 0.0), (0.55, 1.0)]],
+    "2": [_ellipse(0.5, 0.28, 0.38, 0.28, start=-170, turn=200, points=10) + [(0.45, 0.7), (0.08, 1.0), (0.95, 1.0)]],
+    "3": [_ellipse(0.45, 0.25, 0.38, 0.25, -150, 240, 10) + _ellipse(0.45, 0.74, 0.42, 0.26, -90, 240, 12)],
+    "4": [[(0.62, 0.0), (0.05, 0.66), (0.95, 0.66)], [(0.68, 0.3), (0.68, 1.0)]],
+    "5": [[(0.9, 0.0), (0.22, 0.0), (0.15, 0.45), *_ellipse(0.48, 0.68, 0.4, 0.32, -130, 260, 12)]],
+    "6": [[(0.75, 0.0), (0.35, 0.3), *_ellipse(0.5, 0.7, 0.38, 0.3, 180, 360, 16)]],
+    "7": [[(0.05, 0.0), (0.95, 0.0), (0.4, 1.0)]],
+    "8": [_ellipse(0.5, 0.26, 0.32, 0.26, 90, -360, 14) + _ellipse(0.5, 0.76, 0.4, 0.24, -90, 360, 14)],
+    "9": [_ellipse(0.5, 0.28, 0.38, 0.28, 0, -360, 16) + [(0.88, 0.28), (0.82, 1.0)]],
+}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    missing = [name for name in ("chromium", "chromedriver") if shutil.which(name) is None]
+    assert not missing, f"{' and '.join(missing)} not found: apt-get install chromium chromium-driver (.ci/run does)"
+    options = webdriver.ChromeOptions()
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,800"):
+        options.add_argument(argument)
+    options.binary_location = shutil.which("chromium")
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    driver.set_script_timeout(30)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def page(browser, server):
+    browser.get(demo.address(server))
+    return browser
+
+
+def write(page, number: str, kind: str = "mouse", gap: float = 0.35) -> None:
+    """Writes `number` on the pad with pointer strokes of `kind` (mouse, pen or touch): digits two thirds
+    of the pad's height, `gap` of a digit's width apart (negative: they overlap)."""
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+    from selenium.webdriver.common.actions.pointer_input import PointerInput
+    from selenium.webdriver.common.by import By
+
+    pad = page.find_element(By.ID, "pad")
+    box = pad.rect
+    height = box["height"] * 0.65
+    width = height * 0.6
+    left, top = box["width"] * 0.1, (box["height"] - height) / 2
+    pointer = PointerInput(kind, kind)
+    for i, digit in enumerate(number):
+        for stroke in STROKES[digit]:
+            # Offsets from the pad's centre, as WebDriver moves to an element.
+            points = [(left + (i * (1 + gap) + x) * width - box["width"] / 2, top + y * height - box["height"] / 2)
+                      for x, y in stroke]  # fmt: skip
+            actions = ActionBuilder(page, mouse=pointer, duration=0)
+            actions.pointer_action.move_to(pad, round(points[0][0]), round(points[0][1])).pointer_down()
+            for x, y in points[1:]:
+                actions.pointer_action.move_to(pad, round(x), round(y))
+            actions.pointer_action.pointer_up()
+            actions.perform()
+
+
+def answer(page, state: str = "read") -> dict:
+    """What the page shows once the newest request is answered."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(page, 30).until(lambda p: p.find_element(By.TAG_NAME, "body").get_attribute("data-state") == state)
+    return page.execute_script("""
+        const seen = document.getElementById("seen"), pixels = seen.getContext("2d")
+            .getImageData(0, 0, seen.width, seen.height).data;
+        let tinted = 0;  // the picture is grey: colour is the overlay of where the positions looked
+        for (let i = 0; i < pixels.length; i += 4)
+            if (Math.abs(pixels[i] - pixels[i + 1]) + Math.abs(pixels[i + 1] - pixels[i + 2]) > 30) tinted++;
+        return {number: document.getElementById("number").textContent,
+                sureness: document.getElementById("sureness-text").textContent,
+                message: document.getElementById("message").textContent,
+                rows: [...document.querySelectorAll("#positions tr")].map(row =>
+                    [...row.querySelectorAll(".candidate")].map(c => c.textContent)),
+                tinted: tinted};
+    """)
+
+
+def clear(page) -> None:
+    from selenium.webdriver.common.by import By
+
+    page.find_element(By.ID, "clear").click()
+
+
+@pytest.mark.parametrize(
+    "number,kind,gap",
+    [("7", "touch", 0.35), ("42", "mouse", 0.35), ("35", "pen", 0.35), ("23", "mouse", 0.0), ("81", "mouse", 0.0)],
+    ids=["7-finger", "42-mouse", "35-pen", "23-touching", "81-touching"],
+)
+def test_a_number_written_on_the_page_is_read_as_it_is_written(page, number, kind, gap):
+    write(page, number, kind, gap)
+    shown = answer(page)
+    assert shown["number"] == number, shown
+    assert "likely right" in shown["sureness"] and not shown["message"]
+    assert len(shown["rows"]) == 2 and all(len(row) == demo.TOP for row in shown["rows"])
+    assert shown["rows"][0][0].startswith(number[0])  # position 1's first candidate, with its probability
+    assert shown["tinted"] > 100  # where each position looked, drawn over the network's picture
+
+
+def test_undo_takes_back_a_stroke_and_clear_empties_the_page(page):
+    from selenium.webdriver.common.by import By
+
+    write(page, "4")  # two strokes
+    assert answer(page)["number"] == "4"
+    page.find_element(By.ID, "undo").click()
+    assert answer(page)["number"] != "4"  # the stem is gone
+    clear(page)
+    assert answer(page, "idle")["number"] == "–"
+
+
+def test_a_photo_opened_on_the_page_is_read_and_a_bad_file_is_one_sentence(page, reader, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    photo = np.full((300, 500), 235, np.uint8)  # grey paper
+    photo[90:210, 140:152] = 40  # a "1"
+    photo[90:102, 260:330], photo[90:210, 318:330] = 40, 40  # a "7"
+    path = tmp_path / "photo.png"
+    path.write_bytes(png(photo))
+    expected = reader.read([path])[0].digits
+    page.find_element(By.ID, "file").send_keys(str(path))
+    shown = answer(page)
+    assert shown["number"] == expected == "17"
+    page.save_screenshot(str(tmp_path / "photo-read.png"))
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    page.find_element(By.ID, "file").send_keys(str(text))
+    shown = answer(page, "error")
+    assert shown["message"] == "the file is not an image Pillow can read (PNG, JPEG, BMP, …)"
+    write(page, "7")  # the page and the server go on
+    assert answer(page)["number"] == "7"
+
+
+def test_a_screenshot_of_the_page_shows_the_reading(page, tmp_path):
+    write(page, "42")
+    answer(page)
+    path = tmp_path / "page.png"
+    page.save_screenshot(str(path))
+    shot = np.asarray(Image.open(path).convert("RGB"))
+    assert shot.shape[0] >= 600 and shot.shape[1] >= 1200
+    assert (np.abs(np.diff(shot.astype(int), axis=-1)).sum(-1) > 60).sum() > 500  # the colours of the overlay
