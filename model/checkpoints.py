@@ -91,10 +91,26 @@ class Checkpoints:
             if reason is None:
                 raise
             if jax.process_index() == 0:
-                for partial in self.directory.glob(_PARTIAL):
-                    shutil.rmtree(partial, ignore_errors=True)
+                self._remove_partial_saves()
             intact = f"the checkpoint of step {kept} is intact" if kept is not None else "no earlier checkpoint exists"
             raise SaveError(f"saving step {step} in {self.directory} failed ({reason}); {intact}") from None
+
+    def _remove_partial_saves(self) -> None:
+        """Removes what a failed save left. Orbax's writer threads may still be finishing (on a busy
+        machine, after the error reached us) and write into a folder just removed: wait for them, then
+        remove until nothing is left."""
+        try:
+            with _quiet_orbax():
+                self.manager.wait_until_finished()
+        except Exception:  # the same failure, reported again: it is already being reported
+            pass
+        for _ in range(50):
+            partials = list(self.directory.glob(_PARTIAL))
+            if not partials:
+                return
+            for partial in partials:
+                shutil.rmtree(partial, ignore_errors=True)
+            time.sleep(0.1)
 
     def restore(self, step: int, template: dict[str, Any] | None = None) -> dict[str, Any]:
         """The state saved at `step`, shaped and placed (sharded) like `template` (as saved without one)."""
