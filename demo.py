@@ -42,6 +42,7 @@ PROG = "demo.py"
 DEFAULT_MODEL = Path("runs/default")  # what `python train.py` writes
 PAGE = Path(__file__).with_name("demo.html")
 MAX_BODY = 20 * 2**20  # bytes a request may send: a phone's photo is 2–10 MB
+BODY_SECONDS = 60  # for a request's body to arrive
 MAX_BATCH = 64  # images read in one network call
 TOP = 3  # candidates shown per position
 CLASSES = [*map(str, range(10)), "blank"]
@@ -115,6 +116,7 @@ def make_handler(reader: Reader, batcher: Batcher, page: bytes, model: dict) -> 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: a client's requests share one connection
         server_version = "digitseq-demo"
+        timeout = BODY_SECONDS  # a client that stops sending frees its thread
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             if self.path in ("/", "/index.html"):
@@ -161,7 +163,11 @@ def make_handler(reader: Reader, batcher: Batcher, page: bytes, model: dict) -> 
                     f"the image is {int(length) / 2**20:.1f} MB, more than the {MAX_BODY // 2**20} MB read here; "
                     "send a smaller one",
                 )
-            return self.rfile.read(int(length))
+            try:
+                return self.rfile.read(int(length))
+            except TimeoutError:
+                self.close_connection = True
+                raise Refused(HTTPStatus.REQUEST_TIMEOUT, f"the image did not arrive within {BODY_SECONDS} s") from None
 
         def _json(self, status: HTTPStatus, content: dict) -> None:
             self._send(status, json.dumps(content).encode(), "application/json")

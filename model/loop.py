@@ -124,7 +124,9 @@ def open_workdir(config: Recipe, workdir: Workdir, resume: bool) -> Iterator[tup
     which shape a cosine schedule), or is refused in one sentence saying how to go on; a model.h5 without a
     checkpoint is not discarded without --no-resume. Otherwise the folder starts afresh. Yields the run's
     network, its initial variables and its checkpoints, config.json written, the workdir locked inside."""
-    if workdir.is_foreign():
+    # Every process looks before any of them writes (process 0 makes the folders next): all refuse or none.
+    (foreign,) = distributed.any_process(0, workdir.is_foreign())
+    if foreign:
         raise ValueError(f"{workdir} is not empty and holds no digitseq run; pick a new or empty --workdir")
     main = distributed.is_main()
     with workdir.locked() if main else contextlib.nullcontext():  # the other processes share process 0's lock

@@ -4,6 +4,7 @@ installs them) — digits written with pointer strokes, a photo opened, the erro
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import math
@@ -12,10 +13,12 @@ import struct
 import threading
 import zlib
 from http.client import HTTPConnection
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import run
+from handwritten import write_numbers
 from PIL import Image
 
 import demo
@@ -120,7 +123,7 @@ def test_a_read_answers_the_digits_how_sure_each_positions_candidates_and_where_
         best = position["candidates"][0]
         assert best["label"] == demo.CLASSES[probabilities.argmax()]
         assert best["probability"] == pytest.approx(probabilities.max(), abs=1e-4)
-    image = Image.open(io.BytesIO(__import__("base64").b64decode(answer["image"].split(",", 1)[1])))
+    image = Image.open(io.BytesIO(base64.b64decode(answer["image"].split(",", 1)[1])))
     np.testing.assert_array_equal(np.asarray(image), expected.image)
 
 
@@ -338,22 +341,35 @@ def test_undo_takes_back_a_stroke_and_clear_empties_the_page(page):
     assert answer(page, "idle")["number"] == "–"
 
 
-def test_a_photo_opened_on_the_page_is_read_and_a_bad_file_is_one_sentence(page, reader, tmp_path):
+def drop(page, path: Path) -> None:
+    """Drops the file on the pad as a browser does when a file is dragged onto it: a DataTransfer holding
+    a File of its bytes, dispatched as dragover then drop (WebDriver cannot drag from outside the browser)."""
+    page.execute_script(
+        """
+        const [encoded, name] = arguments;
+        const bytes = Uint8Array.from(atob(encoded), c => c.charCodeAt(0));
+        const data = new DataTransfer();
+        data.items.add(new File([bytes], name, {type: "image/png"}));
+        const frame = document.getElementById("pad-frame");
+        for (const kind of ["dragover", "drop"])
+            frame.dispatchEvent(new DragEvent(kind, {dataTransfer: data, bubbles: true, cancelable: true}));
+        """,
+        base64.b64encode(path.read_bytes()).decode(),
+        path.name,
+    )
+
+
+def test_a_png_dropped_on_the_pad_is_read_and_a_bad_file_is_one_sentence(page, reader, tmp_path, mnist_dir):
     from selenium.webdriver.common.by import By
 
-    photo = np.full((300, 500), 235, np.uint8)  # grey paper
-    photo[90:210, 140:152] = 40  # a "1"
-    photo[90:102, 260:330], photo[90:210, 318:330] = 40, 40  # a "7"
-    path = tmp_path / "photo.png"
-    path.write_bytes(png(photo))
-    expected = reader.read([path])[0].digits
-    page.find_element(By.ID, "file").send_keys(str(path))
-    shown = answer(page)
-    assert shown["number"] == expected == "17"
-    page.save_screenshot(str(tmp_path / "photo-read.png"))
+    (path, digits), *_ = write_numbers(tmp_path, "paper", 1, 2, seed=1)  # MNIST test digits, grey on paper
+    expected = reader.read([path])[0]
+    assert expected.digits == digits and expected.confidence > 0.8  # a number the test model reads surely
+    drop(page, path)
+    assert answer(page)["number"] == digits
     text = tmp_path / "notes.png"
     text.write_text("not an image")
-    page.find_element(By.ID, "file").send_keys(str(text))
+    page.find_element(By.ID, "file").send_keys(str(text))  # Open a photo…
     shown = answer(page, "error")
     assert shown["message"] == "the file is not an image Pillow can read (PNG, JPEG, BMP, …)"
     write(page, "7")  # the page and the server go on
