@@ -43,7 +43,7 @@ DEFAULT_MODEL = Path("runs/default")  # what `python train.py` writes
 PAGE = Path(__file__).with_name("demo.html")
 MAX_BODY = 20 * 2**20  # bytes a request may send: a phone's photo is 2–10 MB
 BODY_SECONDS = 60  # for a request's body to arrive
-MAX_BATCH = 64  # images read in one network call
+MAX_BATCH = 16  # images read in one network call (each power of two up to it compiled at start)
 TOP = 3  # candidates shown per position
 CLASSES = [*map(str, range(10)), "blank"]
 # The page may load only what this server sends: it works offline, and nothing leaves the machine.
@@ -220,7 +220,10 @@ def serve(reader: Reader, host: str = "127.0.0.1", port: int = 8000, max_batch: 
             raise ValueError(f"port {port} on {host} is in use (another demo.py?); pick another with --port") from None
         raise ValueError(f"cannot serve on {host} port {port}: {error.strerror or error}") from None
     server.batcher = batcher
-    reader.read_prepared([np.zeros(model.image_size, np.uint8)])  # compiled now, not at the first stroke
+    # Compiled now, not while requests wait: every batch shape the batcher can meet (powers of two).
+    blank = np.zeros(model.image_size, np.uint8)
+    for size in (1 << i for i in range((max_batch - 1).bit_length() + 1)):
+        reader.read_prepared([blank] * size)
     return server
 
 
@@ -316,7 +319,7 @@ def benchmark(reader: Reader, args: argparse.Namespace) -> int:
     for name, max_batch in (("batched", MAX_BATCH), ("one at a time", 1)):
         server = serve(reader, "127.0.0.1", 0, max_batch)
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        load(address(server), files[:8], expected, 2, 2)  # warm-up: compiles the batch shapes it will meet
+        load(address(server), files[:8], expected, 2, 2)  # warm-up: the connections, the first answers
         server.batcher.batch_sizes.clear()
         result = load(address(server), files, expected, args.clients, args.requests)
         server.shutdown()
@@ -374,7 +377,11 @@ def main(argv: list[str] | None = None) -> int | None:
     if not local:
         print(f"{PROG}: note: serving every machine that can reach {args.host}; the page has no login", flush=True)
     with server:
-        server.serve_forever()
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:  # how a server is stopped: not a failure
+            print(f"{PROG}: stopped", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
