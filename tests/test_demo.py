@@ -9,7 +9,10 @@ import io
 import json
 import math
 import shutil
+import signal
 import struct
+import subprocess
+import sys
 import threading
 import zlib
 from http.client import HTTPConnection
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run
+from conftest import ROOT, run
 from handwritten import write_numbers
 from PIL import Image
 
@@ -198,6 +201,34 @@ def test_a_port_in_use_is_one_line(server, trained_workdir):
     assert result.returncode == 2
     assert f"port {server.server_address[1]} on 127.0.0.1 is in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_demo_as_typed_serves_until_ctrl_c(trained_workdir):
+    """`python demo.py MODEL --port 0` in a process of its own: it prints the address, serves the page and
+    a read there, and Ctrl-C stops it with status 0 and one line."""
+    process = subprocess.Popen(
+        [sys.executable, "demo.py", str(trained_workdir), "--port", "0"], cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        lines = [process.stdout.readline() for _ in range(2)]
+        assert lines[0].startswith(f"demo.py: reading with {trained_workdir}"), lines
+        url = lines[1].removeprefix("demo.py: open ").split()[0]
+        host, port = url.removeprefix("http://").strip("/").split(":")
+        assert host == "127.0.0.1"
+        connection = HTTPConnection(host, int(port), timeout=60)
+        connection.request("GET", "/")
+        assert connection.getresponse().read().startswith(b"<!doctype html>")
+        number = np.full((56, 112), 255, np.uint8)
+        number[8:48, 24:32] = 0
+        connection.request("POST", "/api/read", png(number))
+        response = connection.getresponse()
+        assert response.status == 200 and "digits" in json.loads(response.read())
+        connection.close()
+    finally:
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0 and stdout.strip() == "demo.py: stopped", (stdout, stderr)
 
 
 def test_no_model_is_one_line(tmp_path):
