@@ -342,8 +342,8 @@ class Network(nn.Module):
         """Logits; with `depth`, the output of the first `depth` layers instead (to look at them)."""
         if self.members > 1:
             stacked = nn.vmap(
-                Network, variable_axes={"params": 0, "batch_stats": 0}, split_rngs={"params": True, "dropout": True},
-                in_axes=None, out_axes=0, axis_size=self.members,
+                Network, variable_axes={"params": 0, "batch_stats": 0, "intermediates": 0},  # each member's own
+                split_rngs={"params": True, "dropout": True}, in_axes=None, out_axes=0, axis_size=self.members,
             )  # fmt: skip
             outputs = stacked(self.layers, self.positions, name="members")(images, train, depth)
             return outputs if train or depth is not None else mean_probability_logits(outputs)

@@ -93,6 +93,22 @@ def test_the_library_reads_bytes_and_open_files_as_it_reads_paths(reader, tmp_pa
     np.testing.assert_allclose(first.where.sum(axis=1), 1.0, atol=1e-4)
 
 
+def test_an_ensemble_is_read_with_where_its_first_member_looked():
+    from model import networks as nets
+    from model import trained
+
+    network = nets.build(nets.get_preset("default"), 2, members=3)
+    variables = nets.init_variables(network, (28, 56), 0)
+    reader = Reader(trained.Trained(network, (28, 56), variables, "an ensemble", None, "mixed", 0.1))
+    number = np.zeros((40, 90), np.uint8)
+    number[10:30, 20:25], number[10:30, 50:55] = 255, 255
+    readings = reader.read([number] * 3)
+    means = nets.read_in_batches(network, variables, np.stack([r.image for r in readings])[..., None])
+    np.testing.assert_allclose(np.stack([r.probabilities for r in readings]), means, atol=1e-6)  # the members' mean
+    assert readings[0].where.shape == (2, 56)
+    np.testing.assert_allclose(readings[0].where.sum(axis=1), 1.0, atol=1e-4)
+
+
 def test_confidence_undoes_label_smoothing_and_multiplies_the_positions():
     from digitseq import confidence
 
