@@ -309,9 +309,9 @@ def page(browser, server):
     return browser
 
 
-def write(page, number: str, kind: str = "mouse", gap: float = 0.35) -> None:
+def write(page, number: str, kind: str = "mouse", gap: float = 0.35) -> int:
     """Writes `number` on the pad with pointer strokes of `kind` (mouse, pen or touch): digits two thirds
-    of the pad's height, `gap` of a digit's width apart (negative: they overlap)."""
+    of the pad's height, `gap` of a digit's width apart (negative: they overlap). Returns how many strokes."""
     from selenium.webdriver.common.actions.action_builder import ActionBuilder
     from selenium.webdriver.common.actions.pointer_input import PointerInput
     from selenium.webdriver.common.by import By
@@ -333,14 +333,23 @@ def write(page, number: str, kind: str = "mouse", gap: float = 0.35) -> None:
                 actions.pointer_action.move_to(pad, round(x), round(y))
             actions.pointer_action.pointer_up()
             actions.perform()
+    return sum(len(STROKES[digit]) for digit in number)
 
 
-def answer(page, state: str = "read") -> dict:
-    """What the page shows once the newest request is answered."""
+def answer(page, state: str = "read", strokes: int | None = None) -> dict:
+    """What the page shows once the newest request is answered — when `strokes` is given, the answer
+    for that many strokes on the pad (the browser may still be handling the last ones WebDriver sent)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(page, 30).until(lambda p: p.find_element(By.TAG_NAME, "body").get_attribute("data-state") == state)
+    def shown(page) -> bool:  # and, once read, read with every stroke on the pad (not an earlier answer)
+        body = page.find_element(By.TAG_NAME, "body")
+        if body.get_attribute("data-state") != state:
+            return False
+        on_pad = page.execute_script("return strokes.length") if strokes is None else strokes
+        return state != "read" or body.get_attribute("data-strokes") == str(on_pad)
+
+    WebDriverWait(page, 30).until(shown)
     return page.execute_script("""
         const seen = document.getElementById("seen"), pixels = seen.getContext("2d")
             .getImageData(0, 0, seen.width, seen.height).data;
@@ -368,8 +377,7 @@ def clear(page) -> None:
     ids=["7-finger", "42-mouse", "35-pen", "23-touching", "81-touching"],
 )
 def test_a_number_written_on_the_page_is_read_as_it_is_written(page, number, kind, gap):
-    write(page, number, kind, gap)
-    shown = answer(page)
+    shown = answer(page, strokes=write(page, number, kind, gap))
     assert shown["number"] == number, shown
     assert "likely right" in shown["sureness"] and not shown["message"]
     assert len(shown["rows"]) == 2 and all(len(row) == demo.TOP for row in shown["rows"])
@@ -380,10 +388,9 @@ def test_a_number_written_on_the_page_is_read_as_it_is_written(page, number, kin
 def test_undo_takes_back_a_stroke_and_clear_empties_the_page(page):
     from selenium.webdriver.common.by import By
 
-    write(page, "4")  # two strokes
-    assert answer(page)["number"] == "4"
+    assert answer(page, strokes=write(page, "4"))["number"] == "4"  # two strokes
     page.find_element(By.ID, "undo").click()
-    assert answer(page)["number"] != "4"  # the stem is gone
+    assert answer(page, strokes=1)["number"] != "4"  # the stem is gone
     clear(page)
     assert answer(page, "idle")["number"] == "–"
 
@@ -413,19 +420,17 @@ def test_a_png_dropped_on_the_pad_is_read_and_a_bad_file_is_one_sentence(page, r
     expected = reader.read([path])[0]
     assert expected.digits == digits and expected.confidence > 0.8  # a number the test model reads surely
     drop(page, path)
-    assert answer(page)["number"] == digits
+    assert answer(page, strokes=0)["number"] == digits
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     page.find_element(By.ID, "file").send_keys(str(text))  # Open a photo…
     shown = answer(page, "error")
     assert shown["message"] == "the file is not an image Pillow can read (PNG, JPEG, BMP, …)"
-    write(page, "7")  # the page and the server go on
-    assert answer(page)["number"] == "7"
+    assert answer(page, strokes=write(page, "7"))["number"] == "7"  # the page and the server go on
 
 
 def test_a_screenshot_of_the_page_shows_the_reading(page, tmp_path):
-    write(page, "42")
-    answer(page)
+    answer(page, strokes=write(page, "42"))
     path = tmp_path / "page.png"
     page.save_screenshot(str(path))
     shot = np.asarray(Image.open(path).convert("RGB"))
