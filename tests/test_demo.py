@@ -259,7 +259,40 @@ def test_eight_clients_at_once_are_all_answered_as_the_library_reads(trained_wor
     for way in ("batched", "one_at_a_time"):
         assert figures[way]["requests"] == 400
         assert figures[way]["failed"] == 0 and figures[way]["wrong"] == 0, figures[way]
-    assert figures["one_at_a_time"]["mean_batch"] == 1 and figures["batched"]["mean_batch"] > 1
+    assert figures["one_at_a_time"]["mean_batch"] == 1  # how often batches form depends on the machine's speed
+
+
+def test_requests_that_wait_together_are_read_in_one_batch(reader):
+    """While the network reads one request, four more arrive: they are read in one call, each answered its own."""
+    reading, release = threading.Event(), threading.Event()
+
+    class Held:  # the real reader, held inside its first call until the others wait
+        model = reader.model
+
+        def read_prepared(self, inputs):
+            reading.set()
+            release.wait(120)
+            return reader.read_prepared(inputs)
+
+    batcher = demo.Batcher(Held())
+    images = [np.zeros(reader.model.image_size, np.uint8) for _ in range(5)]
+    images[2][8:20, 10:13] = 255  # one of them a "1": each request gets its own reading
+    answers = [None] * 5
+    threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, batcher.read(images[i]))) for i in range(5)]
+    threads[0].start()
+    assert reading.wait(120)
+    for thread in threads[1:]:
+        thread.start()
+    while batcher._waiting.qsize() < 4:  # the four wait while the first is read
+        threading.Event().wait(0.01)
+    release.set()
+    for thread in threads:
+        thread.join(120)
+    assert batcher.batch_sizes == [1, 4]
+    expected = reader.read_prepared(images)
+    assert [a.digits for a in answers] == [e.digits for e in expected]
+    got, want = np.stack([a.probabilities for a in answers]), np.stack([e.probabilities for e in expected])
+    np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 # --- in a browser --------------------------------------------------------------------------------------
@@ -373,8 +406,10 @@ def clear(page) -> None:
 
 @pytest.mark.parametrize(
     "number,kind,gap",
-    [("7", "touch", 0.35), ("42", "mouse", 0.35), ("35", "pen", 0.35), ("23", "mouse", 0.0), ("81", "mouse", 0.0)],
-    ids=["7-finger", "42-mouse", "35-pen", "23-touching", "81-touching"],
+    # Numbers the brief test model reads with every position's top class well ahead (a model trained on another
+    # CPU type differs in its last bits): "35" and "23" were read right too, but at 54 % and 47 %.
+    [("7", "touch", 0.35), ("42", "mouse", 0.35), ("49", "pen", 0.35), ("71", "mouse", 0.0), ("81", "mouse", 0.0)],
+    ids=["7-finger", "42-mouse", "49-pen", "71-touching", "81-touching"],
 )
 def test_a_number_written_on_the_page_is_read_as_it_is_written(page, number, kind, gap):
     shown = answer(page, strokes=write(page, number, kind, gap))
