@@ -170,7 +170,8 @@ class Checkpoints:
 
 def _listing(list_steps: Callable[[], Any], attempts: int = 20) -> Any:
     """`list_steps()`, again while a checkpoint vanishes under it (the trainer removing an old one as
-    orbax reads the folder: FileNotFoundError), and without orbax's warnings about the vanished one."""
+    orbax reads the folder: FileNotFoundError, or NotADirectoryError when it goes between orbax's
+    `exists()` and `is_dir()`), and without orbax's warnings about the vanished one."""
     logger = logging.getLogger("absl")
     level = logger.level
     logger.setLevel(logging.ERROR)  # "Metadata file does not exist: …/_CHECKPOINT_METADATA" of a removed step
@@ -178,7 +179,7 @@ def _listing(list_steps: Callable[[], Any], attempts: int = 20) -> Any:
         for attempt in range(attempts):
             try:
                 return list_steps()
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 if attempt == attempts - 1:
                     raise
                 time.sleep(0.01 * (attempt + 1))

@@ -111,6 +111,35 @@ def test_eval_skips_damaged_and_non_finite_checkpoints(trained_workdir, tmp_path
     assert sorted(checkpoints.all_steps()) == sorted([*steps, newest + 1])  # a reader moves nothing
 
 
+@pytest.mark.parametrize("when", ["opening", "reloading"])
+def test_a_checkpoint_removed_between_two_looks_is_passed_over(tmp_path, monkeypatch, when):
+    """The trainer removes an old checkpoint just as a reader's orbax has seen the folder exist and
+    is asking whether it is a folder (orbax says NotADirectoryError): the reader takes the next newest."""
+    import inspect
+
+    from etils import epath
+
+    writer = Checkpoints(tmp_path, writer=True)
+    for step in (1, 2, 3):
+        writer.save(step, {"params": {"w": np.full(3, step, np.float32)}})
+    removed = tmp_path.absolute() / "3"
+    path_type = type(epath.Path(removed))
+    exists = path_type.exists
+
+    def exists_then_removed(path) -> bool:
+        answer = exists(path)
+        if answer and str(path) == str(removed) and inspect.stack()[1].function == "_sanitize_metadata_path":
+            shutil.rmtree(removed)
+        return answer
+
+    reader = Checkpoints(tmp_path) if when == "reloading" else None
+    monkeypatch.setattr(path_type, "exists", exists_then_removed)
+    reader = reader or Checkpoints(tmp_path)
+    step, state = reader.restore_good()
+    assert not removed.exists(), "orbax no longer looks twice: this test no longer reproduces the race"
+    assert step == 2 and state["params"]["w"].tolist() == [2, 2, 2]
+
+
 def test_all_finite_sees_one_nan():
     tree = {"a": np.ones((3, 3), np.float32), "b": {"c": np.zeros(4, np.float32)}}
     assert bool(training.all_finite(tree))
