@@ -81,10 +81,14 @@ class Batcher:
                 future.set_result(reading)
 
 
-def png_data_url(image: np.ndarray) -> str:
+def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_data_url(image: np.ndarray) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(Image.fromarray(image))).decode()
 
 
 def reading_json(reading: Reading) -> dict:
@@ -242,28 +246,22 @@ def benchmark_images(args: argparse.Namespace, positions: int, count: int = 64) 
 
     pool = load_pool("test", args.data_dir, args.mnist_dir)
     images, _ = fixed_set(pool, SequenceConfig(positions, layout="free"), count, seed=1)
-    files = []
-    for image in images:
-        height, width = image.shape
-        canvas = Image.fromarray(255 - image).resize((width * 4, height * 4), Image.Resampling.BILINEAR)
-        buffer = io.BytesIO()
-        canvas.save(buffer, format="PNG")
-        files.append(buffer.getvalue())
-    return files
+    canvases = [Image.fromarray(255 - image) for image in images]
+    return [png_bytes(c.resize((c.width * 4, c.height * 4), Image.Resampling.BILINEAR)) for c in canvases]
 
 
-def load(url: str, files: list[bytes], expected: list[dict], clients: int, requests: int) -> dict:
+def load(server: Server, files: list[bytes], expected: list[dict], clients: int, requests: int) -> dict:
     """`clients` threads, each sending `requests` images in turn on one connection; every answer checked
     against `expected` (the reading of the same file by Reader.read alone)."""
     latencies: list[float] = []
     failures: list[str] = []
     wrong = 0
     lock = threading.Lock()
-    host, port = url.split("//")[1].strip("/").rsplit(":", 1)
+    host, port = server.server_address[:2]
 
     def client(number: int) -> None:
         nonlocal wrong
-        connection = HTTPConnection(host.strip("[]"), int(port), timeout=120)
+        connection = HTTPConnection(host, port, timeout=120)
         for i in range(requests):
             which = (number * requests + i) % len(files)
             started = time.perf_counter()
@@ -274,7 +272,7 @@ def load(url: str, files: list[bytes], expected: list[dict], clients: int, reque
             except OSError as error:
                 with lock:
                     failures.append(f"{type(error).__name__}: {error}")
-                connection = HTTPConnection(host.strip("[]"), int(port), timeout=120)
+                connection = HTTPConnection(host, port, timeout=120)
                 continue
             seconds = time.perf_counter() - started
             with lock:
@@ -319,9 +317,9 @@ def benchmark(reader: Reader, args: argparse.Namespace) -> int:
     for name, max_batch in (("batched", MAX_BATCH), ("one at a time", 1)):
         server = serve(reader, "127.0.0.1", 0, max_batch)
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        load(address(server), files[:8], expected, 2, 2)  # warm-up: the connections, the first answers
+        load(server, files[:8], expected, 2, 2)  # warm-up: the connections, the first answers
         server.batcher.batch_sizes.clear()
-        result = load(address(server), files, expected, args.clients, args.requests)
+        result = load(server, files, expected, args.clients, args.requests)
         server.shutdown()
         server.server_close()
         sizes = server.batcher.batch_sizes
