@@ -4,12 +4,15 @@ user's image file is framed with it, so a photo and a training sequence meet the
 
 0. The page (a user's image only; a training sequence is already white ink on black):
    a. the ink's polarity: dark ink on light paper is inverted, so ink is white on black as in
-      MNIST (`white_on_black`);
-   b. the paper is estimated locally, by a grey opening with a window six strokes wide: what is
-      narrower is ink, and light from one side, a shadow, grey or tinted paper stay paper (the
-      strokes' width is measured first); the ink is what stands out of the paper, divided
-      by the paper's brightness (light that falls unevenly dims ink and paper alike); grain below a
-      few standard deviations of the paper's noise is dropped; the strongest ink becomes 255 (`ink`).
+      MNIST (`white_on_black`). What stands out of the local paper decides; where the ink is dense
+      (a bold pen, a close crop: ink over a quarter of the image, so the local paper is as often
+      ink) the paper is what the image's border mostly shows, and dark ink when that is even;
+   b. the paper is estimated locally, by a grey opening with a window six strokes wide (half the
+      short side where the ink is dense): what is narrower is ink, and light from one side, a
+      shadow, grey or tinted paper stay paper (the strokes' width is measured first); the ink is
+      what stands out of the paper, divided by the paper's brightness (light that falls unevenly
+      dims ink and paper alike); grain below a few standard deviations of the paper's noise (of
+      the pixels that are not ink) is dropped; the strongest ink becomes 255 (`ink`).
 1. The ink: pixels brighter than INK_LEVEL (of 255, white digits on black at full contrast). Its
    bounding box is the number's extent — specks and smudges away from the number's main strokes
    left out (`ink_box`).
@@ -36,6 +39,7 @@ INK_LEVEL = 64
 _GRID = 16  # the paper is estimated on a grid of about this many cells across the image's short side
 _PAPER_PERCENTILE = 25  # of the pixels around a point: the paper, unless ink covers over 3/4 of them
 _STROKES_PER_WINDOW = 6  # the paper under the ink: what is narrower than this many strokes is ink
+_CLEARLY = 1.25  # polarity: what stands out of the local paper decides when it is this much stronger
 _NOISE_FLOOR = 3.0  # ink must stand this many of the paper's noise standard deviations above it
 _PEAK_SHARE = 0.002  # the strongest ink: the value this share of the ink pixels reaches (not one hot pixel)
 # Step 1: a component of ink belongs to the number when it has this share of the largest one's area,
@@ -100,14 +104,39 @@ def _strongest(values: np.ndarray) -> float:
 
 def white_on_black(gray: np.ndarray) -> np.ndarray:
     """uint8 [h, w] of either polarity → white ink on black (step 0a): inverted when what stands out
-    of the local paper is darker than it, not lighter."""
-    if min(gray.shape) < 2:
+    of the local paper is clearly darker than it, not lighter. Where neither stands out clearly — ink
+    covering a quarter of the image or more (a bold pen, a close crop), so that the local paper is
+    ink as often as paper — the paper is what the image's border mostly shows, and dark ink when
+    even that is undecided (as people mostly write)."""
+    if min(gray.shape) < 2 or gray.min() == gray.max():
         return gray
-    pixels = gray.astype(np.float32)
+    bright, dark = _standing_out(gray.astype(np.float32))
+    if dark > _CLEARLY * bright:
+        return 255 - gray
+    if bright > _CLEARLY * dark:
+        return gray
+    darker = gray < _two_levels(gray)
+    ring = max(1, min(gray.shape) // 40)
+    border = [darker[:ring], darker[-ring:], darker[:, :ring], darker[:, -ring:]]
+    return gray if np.concatenate([side.ravel() for side in border]).mean() > 0.5 else 255 - gray
+
+
+def _standing_out(pixels: np.ndarray) -> tuple[float, float]:
+    """How strongly float32 [h, w] stands out of its local paper: brighter, and darker."""
     low, high = _paper(pixels, [_PAPER_PERCENTILE, 100 - _PAPER_PERCENTILE])
-    bright = ndi.uniform_filter(pixels - low, 3)  # a little smoothing: one noisy pixel does not decide
-    dark = ndi.uniform_filter(high - pixels, 3)
-    return 255 - gray if _strongest(dark) > _strongest(bright) else gray
+    bright = _strongest(ndi.uniform_filter(pixels - low, 3))  # a little smoothing: one noisy pixel does not decide
+    return bright, _strongest(ndi.uniform_filter(high - pixels, 3))
+
+
+def _two_levels(gray: np.ndarray) -> int:
+    """Otsu's threshold of uint8 [h, w]: the level that splits its pixels into the two most distinct classes."""
+    counts = np.bincount(gray.ravel(), minlength=256).astype(np.float64)
+    below = np.cumsum(counts)
+    mass = np.cumsum(counts * np.arange(256))
+    total, total_mass = below[-1], mass[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (total_mass * below - total * mass) ** 2 / (below * (total - below))
+    return int(np.nanargmax(np.where(below < total, between, np.nan))) + 1
 
 
 def ink(gray: np.ndarray) -> np.ndarray:
@@ -121,22 +150,30 @@ def ink(gray: np.ndarray) -> np.ndarray:
     # exactly. The window is a few strokes wide: wider, and the corner of a shadow is taken for ink;
     # narrower, and where strokes meet is taken for paper. The strokes' width is measured on a
     # first opening, a little smoothing first: grain does not set the paper's level.
+    # Dense ink (a bold pen, a close crop: the ink does not stand out clearly of the local paper) has
+    # strokes too wide to measure so; the window is then half the short side, as wide as it goes.
     smooth = ndi.uniform_filter(pixels, 3)
     short = min(pixels.shape)
-    window = max(3, short // 8)
+    bright, dark = _standing_out(pixels)
+    window = max(3, short // 8 if bright > _CLEARLY * dark else short // 2)
     paper = ndi.maximum_filter(ndi.minimum_filter(smooth, window), window)
     rough = smooth - paper
     strokes = rough > max(16.0, 0.3 * _strongest(rough))
     area = np.count_nonzero(strokes)
-    if area:
+    if area and bright > _CLEARLY * dark:
         edge = np.count_nonzero(strokes & ~ndi.binary_erosion(strokes))
         width = 2 * area / max(edge, 1)  # a stroke of width s and length l: area s·l, edge 2·l
         window = int(np.clip(_STROKES_PER_WINDOW * width, 3, short // 2))
         paper = ndi.maximum_filter(ndi.minimum_filter(smooth, window), window)
     light = np.maximum(255.0 - paper, 32.0)  # how bright the paper is lit (dark paper: ink shows less)
     contrast = (pixels - paper) * (255.0 / light)
-    typical = np.median(contrast)
-    noise = 1.4826 * np.median(np.abs(contrast - typical))  # the paper's grain, as a standard deviation
+    # The paper's level and grain, from the pixels that are not ink (most of them, or under half where
+    # a bold pen covers the image)
+    paper_pixels = contrast[contrast < 0.5 * _strongest(contrast)]
+    if paper_pixels.size == 0:
+        paper_pixels = contrast.ravel()
+    typical = np.median(paper_pixels)
+    noise = 1.4826 * np.median(np.abs(paper_pixels - typical))  # the grain, as a standard deviation
     contrast -= typical + _NOISE_FLOOR * noise
     peak = _strongest(contrast)
     if peak < 16:  # no ink to speak of

@@ -7,7 +7,8 @@ The rule (docs/commands.md, "predict.py"):
    whole factor (the number ends up 28 pixels high: more detail is never used). An array is taken
    as grayscale (RGB averaged; floats in [0, 1] scaled to 0–255).
 2. Dark ink on lighter paper is inverted, so digits are white on black as in MNIST
-   (`pipeline.framing.white_on_black`: what stands out of the local paper decides, not the border).
+   (`pipeline.framing.white_on_black`: what stands out of the local paper decides; for ink too dense
+   to tell so, a bold pen or a close crop, what the border mostly shows is the paper).
 3. For a model that reads written numbers (trained on the free or mixed layout) the image is
    framed by `pipeline.framing`: the page normalised (the paper estimated locally and taken
    away, so uneven light, shadows, tinted paper and grain do not become ink), its ink box scaled

@@ -13,6 +13,10 @@ digits' ink:
     photo         tight, photographed: blue or black ink on white, grey or tinted paper, three times
                   the size with wide margins, turned by up to 5°, soft focus, lit from one side
                   (and half of them under a shadow's edge), grain, a JPEG of quality 60
+    marker        tight, a felt-tip marker: four times the size, strokes widened to 15–22 % of the
+                  number's height with hard edges, near-black on white, cropped close (0–8 px)
+    pencil        tight, a hard pencil: three times the size, strokes thinned to a hairline's core,
+                  faint grey (50–110 levels below the paper) and grainy, on slightly grainy paper
     uci           spaced, of other writers' digits: scikit-learn's 1,797 UCI digits (43 writers,
                   scanned at 8×8) enlarged to MNIST's 20-pixel box: soft and thick
     uci-touching  the same, touching
@@ -34,10 +38,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import scipy.ndimage as ndi
 from PIL import Image, ImageFilter
 
 ROOT = Path(__file__).resolve().parents[1]
-STYLES = ("spaced", "tight", "touching", "overlapping", "paper", "photo", "uci", "uci-touching")
+STYLES = ("spaced", "tight", "touching", "overlapping", "paper", "photo", "uci", "uci-touching", "marker", "pencil")
 _GAPS = {"uci": "spaced", "uci-touching": "touching"}  # other writers' digits, spaced as these styles
 
 
@@ -64,7 +69,7 @@ def compose(digits: list[np.ndarray], style: str, rng: np.random.Generator) -> n
             narrower = min(width, previous_width)
             if style == "spaced":
                 gap = rng.uniform(3, 12)
-            elif style in ("tight", "paper", "photo"):
+            elif style in ("tight", "paper", "photo", "marker", "pencil"):
                 gap = rng.uniform(0, 3)
             elif style == "touching":
                 gap = -rng.uniform(0.0, 0.15) * narrower
@@ -88,6 +93,8 @@ def compose(digits: list[np.ndarray], style: str, rng: np.random.Generator) -> n
         np.maximum(window, image, out=window)
     if style == "photo":
         return photograph(canvas, rng)
+    if style in PENS:
+        return PENS[style](canvas, rng)
     if style != "paper":
         return 255 - canvas
     ink, paper = rng.uniform(40, 110), rng.uniform(200, 240)
@@ -125,6 +132,47 @@ def photograph(canvas: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         light = light * (1 - rng.uniform(0.25, 0.45) * shade)
     picture = picture * light[..., None] + rng.normal(0, rng.uniform(3, 9), picture.shape)
     return np.clip(np.round(picture), 0, 255).astype(np.uint8)
+
+
+def _enlarged(canvas: np.ndarray, factor: int) -> np.ndarray:
+    size = (canvas.shape[1] * factor, canvas.shape[0] * factor)
+    image = Image.fromarray(canvas).resize(size, Image.Resampling.BICUBIC)
+    return np.asarray(image, np.float32) / 255.0
+
+
+def _stroke_width(shape: np.ndarray) -> float:
+    """The mean width of a binary image's strokes: a stroke of width s and length l has area s·l, edge 2·l."""
+    edge = np.count_nonzero(shape & ~ndi.binary_erosion(shape))
+    return 2 * np.count_nonzero(shape) / max(edge, 1)
+
+
+def marker(canvas: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A white-on-black number → uint8 grey: written with a felt-tip marker, cropped close."""
+    shape = _enlarged(canvas, 4) > 0.45
+    rows = np.flatnonzero(shape.any(axis=1))
+    target = rng.uniform(0.15, 0.22) * (rows[-1] - rows[0] + 1)
+    radius = max(0.0, (target - _stroke_width(shape)) / 2)
+    alpha = ndi.gaussian_filter((ndi.distance_transform_edt(~shape) <= radius).astype(np.float32), 0.8)
+    rows, columns = np.flatnonzero((alpha > 0.5).any(axis=1)), np.flatnonzero((alpha > 0.5).any(axis=0))
+    margin = int(rng.integers(0, 9))
+    alpha = np.pad(alpha, margin)[rows[0] : rows[-1] + 1 + 2 * margin, columns[0] : columns[-1] + 1 + 2 * margin]
+    paper, ink = rng.uniform(225, 250), rng.uniform(10, 50)
+    picture = paper - (paper - ink) * alpha + rng.normal(0, 2, alpha.shape)
+    return np.clip(np.round(picture), 0, 255).astype(np.uint8)
+
+
+def pencil(canvas: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A white-on-black number → uint8 grey: written with a hard pencil, faint, thin and grainy."""
+    big = _enlarged(np.pad(canvas, 8), 3)
+    core = big > rng.uniform(0.75, 0.9)  # the strokes' middle: a thin line
+    alpha = ndi.gaussian_filter(core.astype(np.float32), 0.7)
+    alpha *= np.clip(0.6 + 0.4 * rng.standard_normal(alpha.shape), 0.0, 1.0)  # graphite on paper's tooth
+    paper = rng.uniform(225, 248)
+    picture = paper - rng.uniform(50, 110) * alpha + rng.normal(0, rng.uniform(1.5, 4), alpha.shape)
+    return np.clip(np.round(picture), 0, 255).astype(np.uint8)
+
+
+PENS = {"marker": marker, "pencil": pencil}
 
 
 def uci_digits() -> tuple[np.ndarray, np.ndarray]:
