@@ -54,7 +54,7 @@ class Recipe:
 
 
 # Every distortion the pipeline draws digits with (pipeline.distort.DISTORTIONS; names, as config.json holds them)
-DISTORTIONS = ("thickness", "blur", "contrast", "slant", "rotation", "elastic", "noise")
+DISTORTIONS = ("thickness", "pen", "blur", "contrast", "slant", "rotation", "elastic", "noise")
 
 _RUN = dict(
     max_digits=5, image_size=None, seed=0, ensemble=1, val_examples=10_000, validate_on="validation",

@@ -10,6 +10,11 @@ distorted version gets, in this order:
     thickness  the pen: strokes thinner (half a step of grey erosion by a 3×3 cross) or thicker
                (grey dilation: up to a 3×3 cross, then up to a diamond of radius 2 — strokes up
                to 4 px wider)
+    pen        another pen altogether, for half the versions: the digit's skeleton (its strokes
+               thinned to one pixel, Zhang and Suen's thinning) drawn again at one width end to
+               end with hard edges, from a hairline (1 px) to a felt-tip marker (PEN_WIDTH: a
+               fifth of the digit's 20-px height) — as a ballpoint, a marker or a pointer on a
+               page draws, not as MNIST's scanned strokes look
     blur       a soft scan or focus: a binomial filter of σ up to 1.4 px, after which the
                strongest ink is full white again (as the framing rule makes a photo's)
     contrast   ink that fades at its edges or saturates: levels up to 0.25 become black, levels
@@ -44,10 +49,13 @@ import tensorflow as tf
 from pipeline import framing
 from pipeline.hashing import below, hash_words, uniform
 
-DISTORTIONS = ("thickness", "blur", "contrast", "slant", "rotation", "elastic", "noise")
+DISTORTIONS = ("thickness", "pen", "blur", "contrast", "slant", "rotation", "elastic", "noise")
 PER_DIGIT = DISTORTIONS[:-1]  # drawn into the pool's versions of each digit; noise acts per sequence
 VARIANTS = 4  # versions of each digit: MNIST's own and three distorted ones
 THICKNESS = (-0.5, 2.0)  # erosion below 0, dilation above (1: a 3×3 cross; 2: a diamond of radius 2)
+PEN_SHARE = 0.5  # of the distorted versions, redrawn by another pen (the rest keep MNIST's strokes)
+PEN_WIDTH = (1.0, 4.0)  # pixels, of a digit 20 px high: a hairline to a felt-tip marker
+_THINNING_PASSES = 4  # Zhang–Suen passes: 97 % of MNIST's digits are thin by then (the rest keep a 2-px core)
 BLUR = 2.0  # 0: none, 1: σ = 1 px (5 taps), 2: σ = √2 px (9 taps)
 CONTRAST = (0.25, 0.35)  # levels up to this much become black; from 1 less this much, white
 SLANT = 0.3
@@ -57,7 +65,8 @@ ELASTIC_SPACING = 7  # pixels between the random displacements
 NOISE = 16.0  # grey levels
 
 _SALT = 11  # keeps these random numbers apart from the layout's (pipeline.sequences' salts are 1–10)
-_UNIFORMS = 7  # one each: thickness, blur, contrast (2), slant, rotation, noise
+_UNIFORMS = 9  # one each: thickness, blur, contrast (2), slant, rotation, noise, pen (2)
+_NOISE_UNIFORM = 6  # (the pen's came later: the others keep their numbers)
 _NOISE_ROWS = 4096  # rows of a fixed noise texture; each image row takes one, at random
 _CHUNK = 2048  # digits distorted per XLA call
 
@@ -145,6 +154,11 @@ class Distorter:
         """Digits uint8 [b, H, W] and their keys [b] → each distorted by its own key, uint8 [b, H, W]."""
         u = self.uniforms(keys)
         x = self.pen(images, u)
+        if "pen" in self.distortions:
+            skeleton = tf.cast(images > 127, tf.float32)
+            for _ in range(_THINNING_PASSES):
+                skeleton = self.thinning_step(self.thinning_step(skeleton, 0), 1)
+            x = self.redraw(x, skeleton, u)
         if "blur" in self.distortions:
             x = self.blur_columns(x, *self.blur_rows(x), u)
         mapping = self.mapping(x, u)
@@ -170,9 +184,42 @@ class Distorter:
             twice = tf.reduce_max(tf.stack([once] + [neighbour(dy, dx) for dy, dx in _DIAMOND_RIM]), axis=0)
             thinner = _levels([x, tf.reduce_min(tf.stack([x, *cross]), axis=0)], -amount)
             x = tf.where((amount < 0)[:, None, None], thinner, _levels([x, once, twice], amount))
-        if "contrast" in self.distortions and "blur" not in self.distortions:
+        if "contrast" in self.distortions and "blur" not in self.distortions and "pen" not in self.distortions:
             x = _contrast(x, u)
         return x
+
+    @tf.function(jit_compile=True, autograph=False)
+    def thinning_step(self, skeleton: tf.Tensor, step: int) -> tf.Tensor:
+        """One step of Zhang and Suen's thinning of float32 {0, 1} [b, H, W]: the stroke pixels on one
+        side (step 0: south and east; 1: north and west) whose removal keeps the strokes connected."""
+        n = _neighbours(skeleton, 1)
+        p = [n(-1, 0), n(-1, 1), n(0, 1), n(1, 1), n(1, 0), n(1, -1), n(0, -1), n(-1, -1)]  # clockwise from north
+        count = tf.add_n(p)
+        turns = tf.add_n([(1 - p[i]) * p[(i + 1) % 8] for i in range(8)])  # 0 → 1 around the ring
+        north, east, south, west = p[0], p[2], p[4], p[6]
+        if step == 0:
+            spare = (north * east * south == 0) & (east * south * west == 0)
+        else:
+            spare = (north * east * west == 0) & (north * south * west == 0)
+        removed = (skeleton > 0) & (count >= 2) & (count <= 6) & (turns == 1) & spare
+        return tf.where(removed, 0.0, skeleton)
+
+    @tf.function(jit_compile=True, autograph=False)
+    def redraw(self, x: tf.Tensor, skeleton: tf.Tensor, u: tf.Tensor) -> tf.Tensor:
+        """PEN_SHARE of the digits x [b, H, W] drawn again along their skeleton [b, H, W] with a round pen
+        of their own width, antialiased over one pixel (and the contrast changed here when there is no blur)."""
+        width = PEN_WIDTH[0] + (PEN_WIDTH[1] - PEN_WIDTH[0]) * u[:, 8]
+        reach = math.ceil(PEN_WIDTH[1] / 2)
+        neighbour = _neighbours(skeleton, reach)
+        half = width[:, None, None] / 2 + 0.5
+        redrawn = tf.zeros_like(skeleton)
+        for dy in range(-reach, reach + 1):
+            for dx in range(-reach, reach + 1):
+                distance = math.hypot(dy, dx)
+                if distance <= reach + 0.5:  # each pixel covered by its nearest skeleton pixel's disc
+                    redrawn = tf.maximum(redrawn, neighbour(dy, dx) * tf.clip_by_value(half - distance, 0.0, 1.0))
+        x = tf.where((u[:, 7] < PEN_SHARE)[:, None, None], redrawn, x)
+        return _contrast(x, u) if "contrast" in self.distortions and "blur" not in self.distortions else x
 
     @tf.function(jit_compile=True, autograph=False)
     def blur_rows(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -267,7 +314,7 @@ class Distorter:
         height, width = image.shape[1], image.shape[2]
         # A fixed texture of noise rows (zero mean, unit standard deviation); each image row takes one.
         texture = tf.constant(np.random.default_rng(0).standard_normal((_NOISE_ROWS, width)).astype(np.float32))
-        amount = NOISE * uniform(hash_words(keys, _SALT, _UNIFORMS - 1))
+        amount = NOISE * uniform(hash_words(keys, _SALT, _NOISE_UNIFORM))
         rows = below(hash_words(keys[:, None], _SALT + 3, tf.range(height)), _NOISE_ROWS)
         x = tf.cast(image[..., 0], tf.float32) + tf.gather(texture, rows) * amount[:, None, None]
         return tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)[..., None]
