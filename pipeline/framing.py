@@ -39,7 +39,7 @@ INK_LEVEL = 64
 _GRID = 16  # the paper is estimated on a grid of about this many cells across the image's short side
 _PAPER_PERCENTILE = 25  # of the pixels around a point: the paper, unless ink covers over 3/4 of them
 _STROKES_PER_WINDOW = 6  # the paper under the ink: what is narrower than this many strokes is ink
-_CLEARLY = 1.25  # polarity: what stands out of the local paper decides when it is this much stronger
+_CLEARLY = 1.1  # polarity: what stands out of the local paper decides when it is this much stronger
 _NOISE_FLOOR = 3.0  # ink must stand this many of the paper's noise standard deviations above it
 _PEAK_SHARE = 0.002  # the strongest ink: the value this share of the ink pixels reaches (not one hot pixel)
 # Step 1: a component of ink belongs to the number when it has this share of the largest one's area,
@@ -155,21 +155,22 @@ def ink(gray: np.ndarray) -> np.ndarray:
     smooth = ndi.uniform_filter(pixels, 3)
     short = min(pixels.shape)
     bright, dark = _standing_out(pixels)
-    window = max(3, short // 8 if bright > _CLEARLY * dark else short // 2)
+    dense = not bright > _CLEARLY * dark
+    window = max(3, short // 2 if dense else short // 8)
     paper = ndi.maximum_filter(ndi.minimum_filter(smooth, window), window)
     rough = smooth - paper
     strokes = rough > max(16.0, 0.3 * _strongest(rough))
     area = np.count_nonzero(strokes)
-    if area and bright > _CLEARLY * dark:
+    if area and not dense:
         edge = np.count_nonzero(strokes & ~ndi.binary_erosion(strokes))
         width = 2 * area / max(edge, 1)  # a stroke of width s and length l: area s·l, edge 2·l
         window = int(np.clip(_STROKES_PER_WINDOW * width, 3, short // 2))
         paper = ndi.maximum_filter(ndi.minimum_filter(smooth, window), window)
     light = np.maximum(255.0 - paper, 32.0)  # how bright the paper is lit (dark paper: ink shows less)
     contrast = (pixels - paper) * (255.0 / light)
-    # The paper's level and grain, from the pixels that are not ink (most of them, or under half where
-    # a bold pen covers the image)
-    paper_pixels = contrast[contrast < 0.5 * _strongest(contrast)]
+    # The paper's level and grain: of every pixel (most are paper), or where the ink is dense of the
+    # pixels that are not ink
+    paper_pixels = contrast if not dense else contrast[contrast < 0.5 * _strongest(contrast)]
     if paper_pixels.size == 0:
         paper_pixels = contrast.ravel()
     typical = np.median(paper_pixels)

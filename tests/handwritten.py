@@ -15,7 +15,7 @@ digits' ink:
                   (and half of them under a shadow's edge), grain, a JPEG of quality 60
     marker        tight, a felt-tip marker: four times the size, strokes widened to 15–22 % of the
                   number's height with hard edges, near-black on white, cropped close (0–8 px)
-    pencil        tight, a hard pencil: three times the size, strokes thinned to a hairline's core,
+    pencil        tight, a hard pencil: three times the size, strokes thinned to their ridges,
                   faint grey (50–110 levels below the paper) and grainy, on slightly grainy paper
     uci           spaced, of other writers' digits: scikit-learn's 1,797 UCI digits (43 writers,
                   scanned at 8×8) enlarged to MNIST's 20-pixel box: soft and thick
@@ -164,7 +164,7 @@ def marker(canvas: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def pencil(canvas: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A white-on-black number → uint8 grey: written with a hard pencil, faint, thin and grainy."""
     big = _enlarged(np.pad(canvas, 8), 3)
-    core = big > rng.uniform(0.75, 0.9)  # the strokes' middle: a thin line
+    core = (big >= 0.8 * ndi.maximum_filter(big, 7)) & (big > 0.35)  # the strokes' ridges: a thin line
     alpha = ndi.gaussian_filter(core.astype(np.float32), 0.7)
     alpha *= np.clip(0.6 + 0.4 * rng.standard_normal(alpha.shape), 0.0, 1.0)  # graphite on paper's tooth
     paper = rng.uniform(225, 248)

@@ -7,8 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import math
-import shutil
 import signal
 import struct
 import subprocess
@@ -22,6 +20,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, run
 from handwritten import write_numbers
+from page import answer, chromium, clear, write
 from PIL import Image
 
 import demo
@@ -298,40 +297,9 @@ def test_requests_that_wait_together_are_read_in_one_batch(reader):
 # --- in a browser --------------------------------------------------------------------------------------
 
 
-def _ellipse(cx, cy, rx, ry, start=-90.0, turn=360.0, points=20):
-    angles = [math.radians(start + turn * i / points) for i in range(points + 1)]
-    return [(cx + rx * math.cos(a), cy + ry * math.sin(a)) for a in angles]
-
-
-# Digits as a hand writes them with a pen: strokes of points in the digit's box, x 0–1 across its width
-# (0.6 of its height), y 0–1 down.
-STROKES = {
-    "0": [_ellipse(0.5, 0.5, 0.42, 0.5)],
-    "1": [[(0.3, 0.18), (0.55, 0.0), (0.55, 1.0)]],
-    "2": [_ellipse(0.5, 0.28, 0.38, 0.28, start=-170, turn=200, points=10) + [(0.45, 0.7), (0.08, 1.0), (0.95, 1.0)]],
-    "3": [_ellipse(0.45, 0.25, 0.38, 0.25, -150, 240, 10) + _ellipse(0.45, 0.74, 0.42, 0.26, -90, 240, 12)],
-    "4": [[(0.62, 0.0), (0.05, 0.66), (0.95, 0.66)], [(0.68, 0.3), (0.68, 1.0)]],
-    "5": [[(0.9, 0.0), (0.22, 0.0), (0.15, 0.45), *_ellipse(0.48, 0.68, 0.4, 0.32, -130, 260, 12)]],
-    "6": [[(0.75, 0.0), (0.35, 0.3), *_ellipse(0.5, 0.7, 0.38, 0.3, 180, 360, 16)]],
-    "7": [[(0.05, 0.0), (0.95, 0.0), (0.4, 1.0)]],
-    "8": [_ellipse(0.5, 0.26, 0.32, 0.26, 90, -360, 14) + _ellipse(0.5, 0.76, 0.4, 0.24, -90, 360, 14)],
-    "9": [_ellipse(0.5, 0.28, 0.38, 0.28, 0, -360, 16) + [(0.88, 0.28), (0.82, 1.0)]],
-}
-
-
 @pytest.fixture(scope="module")
 def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    missing = [name for name in ("chromium", "chromedriver") if shutil.which(name) is None]
-    assert not missing, f"{' and '.join(missing)} not found: apt-get install chromium chromium-driver (.ci/run does)"
-    options = webdriver.ChromeOptions()
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,800"):
-        options.add_argument(argument)
-    options.binary_location = shutil.which("chromium")
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
-    driver.set_script_timeout(30)
+    driver = chromium()
     yield driver
     driver.quit()
 
@@ -340,68 +308,6 @@ def browser():
 def page(browser, server):
     browser.get(demo.address(server))
     return browser
-
-
-def write(page, number: str, kind: str = "mouse", gap: float = 0.35) -> int:
-    """Writes `number` on the pad with pointer strokes of `kind` (mouse, pen or touch): digits two thirds
-    of the pad's height, `gap` of a digit's width apart (negative: they overlap). Returns how many strokes."""
-    from selenium.webdriver.common.actions.action_builder import ActionBuilder
-    from selenium.webdriver.common.actions.pointer_input import PointerInput
-    from selenium.webdriver.common.by import By
-
-    pad = page.find_element(By.ID, "pad")
-    box = pad.rect
-    height = box["height"] * 0.65
-    width = height * 0.6
-    left, top = box["width"] * 0.1, (box["height"] - height) / 2
-    pointer = PointerInput(kind, kind)
-    for i, digit in enumerate(number):
-        for stroke in STROKES[digit]:
-            # Offsets from the pad's centre, as WebDriver moves to an element.
-            points = [(left + (i * (1 + gap) + x) * width - box["width"] / 2, top + y * height - box["height"] / 2)
-                      for x, y in stroke]  # fmt: skip
-            actions = ActionBuilder(page, mouse=pointer, duration=0)
-            actions.pointer_action.move_to(pad, round(points[0][0]), round(points[0][1])).pointer_down()
-            for x, y in points[1:]:
-                actions.pointer_action.move_to(pad, round(x), round(y))
-            actions.pointer_action.pointer_up()
-            actions.perform()
-    return sum(len(STROKES[digit]) for digit in number)
-
-
-def answer(page, state: str = "read", strokes: int | None = None) -> dict:
-    """What the page shows once the newest request is answered — when `strokes` is given, the answer
-    for that many strokes on the pad (the browser may still be handling the last ones WebDriver sent)."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    def shown(page) -> bool:  # and, once read, read with every stroke on the pad (not an earlier answer)
-        body = page.find_element(By.TAG_NAME, "body")
-        if body.get_attribute("data-state") != state:
-            return False
-        on_pad = page.execute_script("return strokes.length") if strokes is None else strokes
-        return state != "read" or body.get_attribute("data-strokes") == str(on_pad)
-
-    WebDriverWait(page, 30).until(shown)
-    return page.execute_script("""
-        const seen = document.getElementById("seen"), pixels = seen.getContext("2d")
-            .getImageData(0, 0, seen.width, seen.height).data;
-        let tinted = 0;  // the picture is grey: colour is the overlay of where the positions looked
-        for (let i = 0; i < pixels.length; i += 4)
-            if (Math.abs(pixels[i] - pixels[i + 1]) + Math.abs(pixels[i + 1] - pixels[i + 2]) > 30) tinted++;
-        return {number: document.getElementById("number").textContent,
-                sureness: document.getElementById("sureness-text").textContent,
-                message: document.getElementById("message").textContent,
-                rows: [...document.querySelectorAll("#positions tr")].map(row =>
-                    [...row.querySelectorAll(".candidate")].map(c => c.textContent)),
-                tinted: tinted};
-    """)
-
-
-def clear(page) -> None:
-    from selenium.webdriver.common.by import By
-
-    page.find_element(By.ID, "clear").click()
 
 
 @pytest.mark.parametrize(
