@@ -17,7 +17,8 @@ user's image file is framed with it, so a photo and a training sequence meet the
    bounding box is the number's extent — specks and smudges away from the number's main strokes
    left out (`ink_box`).
 2. The box is scaled, aspect kept, to INK_HEIGHT pixels high (MNIST's 20-pixel digit box), or
-   less if it would then be wider than the canvas leaves room for (MARGIN on either side).
+   less if it would then be wider than the canvas leaves room for (MARGIN on either side). Strokes
+   that would then be thinner than MIN_STROKE (a pencil's, a pointer's) are widened to it first.
 3. It is placed MARGIN pixels from the canvas's left edge, centred vertically, on a black canvas
    28 pixels high (MNIST's) and as wide as the sequences are (28 · max_digits).
 
@@ -34,6 +35,7 @@ CANVAS_HEIGHT = 28
 INK_HEIGHT = 20
 MARGIN = 4
 INK_LEVEL = 64
+MIN_STROKE = 2.5  # pixels, framed: about MNIST's thinnest strokes (5 % of its digits' are thinner)
 
 # The page (step 0)
 _GRID = 16  # the paper is estimated on a grid of about this many cells across the image's short side
@@ -210,12 +212,30 @@ def ink_box(pixels: np.ndarray) -> tuple[int, int, int, int] | None:
     return top, left, bottom - top, right - left
 
 
+def _widened(pixels: np.ndarray, scale: float) -> np.ndarray:
+    """Ink float32 [h, w] whose strokes, scaled by `scale`, would be narrower than MIN_STROKE pixels (a
+    pencil's line, a pointer's, a fine pen's) → its strokes widened to that by a grey dilation with a disc,
+    so that framed they are as wide as MNIST's thinnest and do not fade in the resampling."""
+    strokes = pixels > INK_LEVEL
+    edge = np.count_nonzero(strokes & ~ndi.binary_erosion(strokes))
+    if edge == 0:
+        return pixels
+    width = 2 * np.count_nonzero(strokes) / edge  # a stroke of width s and length l: area s·l, edge 2·l
+    radius = (MIN_STROKE / scale - width) / 2
+    if radius < 0.5:
+        return pixels
+    reach = int(np.ceil(radius))
+    rows, columns = np.mgrid[-reach : reach + 1, -reach : reach + 1]
+    return ndi.grey_dilation(pixels, footprint=rows**2 + columns**2 <= radius**2 + 0.5)
+
+
 def frame(gray: np.ndarray, canvas_width: int) -> np.ndarray:
     """White-on-black uint8 [h, w] of any size, contrast and lighting → the framed uint8 [28, canvas_width].
 
-    The ink outside its box (and a margin of a fifth of its height) is dropped; the rest is resampled
-    by TensorFlow's scale-and-translate with an antialiasing triangle filter, so a large photo shrinks
-    without aliasing. An image without ink frames to black.
+    The ink outside its box (and a margin of a fifth of its height) is dropped; strokes that would frame
+    thinner than MIN_STROKE are widened to it; the rest is resampled by TensorFlow's scale-and-translate
+    with an antialiasing triangle filter, so a large photo shrinks without aliasing. An image without
+    ink frames to black.
     """
     pixels = ink(gray)
     box = ink_box(pixels)
@@ -224,10 +244,12 @@ def frame(gray: np.ndarray, canvas_width: int) -> np.ndarray:
         return canvas
     top, left, height, width = box
     margin = max(3, height // 5)
-    kept = np.zeros_like(pixels)
-    kept[max(0, top - margin) : top + height + margin, max(0, left - margin) : left + width + margin] = 1
-    pixels *= kept
+    # Only the box and its margin are kept (the rest is dropped): cropped to them, the origin moved
+    row, column = max(0, top - margin), max(0, left - margin)
+    pixels = pixels[row : top + height + margin, column : left + width + margin]
+    top, left = top - row, left - column
     scale, new_top, new_left = (float(v) for v in placement(height, width, canvas_width))
+    pixels = _widened(pixels, scale)
     framed = tf.raw_ops.ScaleAndTranslate(
         images=tf.constant(pixels[None, :, :, None]),
         size=tf.constant([CANVAS_HEIGHT, canvas_width], tf.int32),

@@ -268,3 +268,31 @@ def test_numbers_in_a_felt_tip_marker_cropped_close_frame_as_the_number(pools):
         ink = ndi.gaussian_filter(ink, 1.0)
         expected = _framed_with_margins(ink)
         assert _likeness(model_input(_cropped_close(ink), (28, 140), 5, layout="free"), expected) > 0.95
+
+
+def _stroke_width(image: np.ndarray) -> float:
+    import scipy.ndimage as ndi
+
+    strokes = image > 64
+    return 2 * strokes.sum() / max(1, np.count_nonzero(strokes & ~ndi.binary_erosion(strokes)))
+
+
+def _written_with_a_pen(number: str, width: int) -> np.ndarray:
+    """`number` in tests/page.py's letterforms, 100 px high, drawn with a line `width` px wide: white on black."""
+    from page import layout
+    from PIL import ImageDraw
+
+    page = Image.new("L", (100 * len(number) + 60, 160), 0)
+    draw = ImageDraw.Draw(page)
+    for stroke in layout(number, None, (0.3, 0.3)):
+        draw.line([(30 + x * 100, 30 + y * 100) for x, y in stroke], fill=255, width=width, joint="curve")
+    return np.asarray(page)
+
+
+@pytest.mark.parametrize("number", ["2026", "4789", "1035"])
+def test_a_hairline_number_frames_with_strokes_as_wide_as_mnists(number):
+    """A pencil's or a pointer's line, one pixel wide on a number 100 px high, grey on white: framed, its
+    strokes are as wide as MNIST's thinnest and as bright. (Resampled as they were, they framed a fifth of
+    a pixel wide and faint — 2 px above INK_LEVEL, a quarter as bright: pencil numbers lost their thin digits.)"""
+    hairline = model_input(235 - _written_with_a_pen(number, 1) // 2, (28, 140), 5, layout="free")
+    assert _stroke_width(hairline) >= 2.5 and np.percentile(hairline[hairline > 64], 75) > 200
