@@ -94,7 +94,7 @@ def png_data_url(image: np.ndarray) -> str:
 def reading_json(reading: Reading) -> dict:
     """A reading as the page and docs/demo.md's API have it."""
     positions = []
-    for k, probabilities in enumerate(reading.probabilities):
+    for k, probabilities in enumerate(reading.calibrated):  # on the confidence's scale: one scale on the page
         best = np.argsort(-probabilities, kind="stable")[:TOP]
         positions.append({
             "candidates": [{"label": CLASSES[c], "probability": round(float(probabilities[c]), 4)} for c in best],

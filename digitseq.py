@@ -35,6 +35,7 @@ class Reading:
     digits: str  # the predicted digits, left to right, blanks dropped ('' when it sees none)
     probabilities: np.ndarray  # [positions, 11]: each position's probabilities of 0–9 and blank
     confidence: float  # how likely `digits` is right, 0–1 (`confidence`; docs/demo.md measures it)
+    calibrated: np.ndarray  # [positions, 11]: the probabilities on the confidence's scale (`calibrated`)
     image: np.ndarray  # the picture the network was given: uint8 [height, width], white ink on black
     where: np.ndarray | None  # [positions, width]: where each position looked, weights over the image's
     # columns summing to 1 (the reader's, `Attend`); None for a network without it (the seed preset)
@@ -69,7 +70,10 @@ class Reader:
         else:
             probabilities, where = looked[0], over_columns(looked[1], images.shape[2])
         return [
-            Reading(digits(p), p, confidence(p, model.label_smoothing), image, None if where is None else where[i])
+            Reading(
+                digits(p), p, confidence(p, model.label_smoothing), calibrated(p, model.label_smoothing), image,
+                None if where is None else where[i],
+            )
             for i, (p, image) in enumerate(zip(probabilities, images, strict=True))
         ]
 
@@ -83,13 +87,18 @@ def digits(probabilities: np.ndarray) -> str:
     return "".join(str(c) for c in probabilities.argmax(-1) if c != BLANK)
 
 
+def calibrated(probabilities: np.ndarray, label_smoothing: float = 0.0) -> np.ndarray:
+    """[K, 11] → the same with the training's label smoothing ε undone: a network taught targets of
+    1 − ε + ε/11 learns to top out there (and never to go below ε/11), so p ↦ (p − ε/11) / (1 − ε),
+    within [0, 1]."""
+    p = probabilities.astype(np.float64)
+    return np.clip((p - label_smoothing / nets.NUM_CLASSES) / (1.0 - label_smoothing), 0.0, 1.0)
+
+
 def confidence(probabilities: np.ndarray, label_smoothing: float = 0.0) -> float:
-    """[K, 11] → how likely the reading is right: each position's top probability with the training's
-    label smoothing ε undone — a network taught targets of 1 − ε + ε/11 learns to top out there, so
-    p ↦ (p − ε/11) / (1 − ε) — multiplied over the positions (each must be right)."""
-    top = probabilities.max(-1).astype(np.float64)
-    top = np.clip((top - label_smoothing / nets.NUM_CLASSES) / (1.0 - label_smoothing), 0.0, 1.0)
-    return float(np.prod(top))
+    """[K, 11] → how likely the reading is right: each position's top probability, `calibrated`,
+    multiplied over the positions (each must be right)."""
+    return float(np.prod(calibrated(probabilities, label_smoothing).max(-1)))
 
 
 def over_columns(weights: np.ndarray, width: int) -> np.ndarray:

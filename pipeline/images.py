@@ -29,6 +29,7 @@ The rule (docs/commands.md, "predict.py"):
 from __future__ import annotations
 
 import io
+import reprlib
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -80,6 +81,19 @@ def _opened(source: str | Path | bytes | BinaryIO) -> tuple[str, BinaryIO]:
     if path.stat().st_size == 0:
         raise ImageFileError(f"{path} is empty (0 bytes)")
     return str(path), path.open("rb")
+
+
+def _image_file(source: object) -> str | Path | bytes | BinaryIO:
+    """`source` when it can hold an image file; anything else (None, a number, a list, a dict) refused in
+    one sentence that names it."""
+    if isinstance(source, (str, Path, bytes, bytearray, memoryview)) or hasattr(source, "read"):
+        return source
+    shown = reprlib.repr(source)
+    hint = " (a list of pixel rows: np.asarray(rows))" if isinstance(source, (list, tuple)) else ""
+    raise ImageFileError(
+        f"{shown} ({type(source).__name__}) is not an image: give a file's path, its bytes, an open binary file "
+        f"or a numpy array of pixels{hint}"
+    )
 
 
 def read_gray(source: str | Path | bytes | BinaryIO) -> np.ndarray:
@@ -198,7 +212,7 @@ def _mnist_cell(column: np.ndarray) -> np.ndarray:
 def model_input(image: Source, image_size: tuple[int, int], max_digits: int, layout: str = "cells") -> np.ndarray:
     """An image file (a path, its bytes or the open file) or array as a model of `layout` ("cells" or
     "free") reads it: uint8 [height, width] (steps 1–5)."""
-    gray = gray_array(image) if isinstance(image, np.ndarray) else read_gray(image)
+    gray = gray_array(image) if isinstance(image, np.ndarray) else read_gray(_image_file(image))
     native_shape = (TILE, TILE * max_digits)
     if layout == "free":
         native = framing.frame(gray, TILE * max_digits)

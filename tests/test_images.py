@@ -296,3 +296,18 @@ def test_a_hairline_number_frames_with_strokes_as_wide_as_mnists(number):
     a pixel wide and faint — 2 px above INK_LEVEL, a quarter as bright: pencil numbers lost their thin digits.)"""
     hairline = model_input(235 - _written_with_a_pen(number, 1) // 2, (28, 140), 5, layout="free")
     assert _stroke_width(hairline) >= 2.5 and np.percentile(hairline[hairline > 64], 75) > 200
+
+
+@pytest.mark.parametrize(
+    "value,named",
+    [(None, "None (NoneType)"), (3, "3 (int)"), (2.5, "2.5 (float)"),
+     ([[0, 255], [255, 0]], "[[0, 255], [255, 0]] (list)"),
+     ({"image": "a.png"}, "{'image': 'a.png'} (dict)")],  # fmt: skip
+    ids=["None", "int", "float", "nested-list", "dict"],
+)
+def test_what_is_not_an_image_is_refused_in_one_sentence(value, named):
+    with pytest.raises(ImageFileError) as refused:
+        model_input(value, (28, 140), 5, layout="free")
+    message = str(refused.value)
+    assert message.startswith(f"{named} is not an image: give a file's path, its bytes, an open binary file")
+    assert "\n" not in message and ("np.asarray" in message) == isinstance(value, list)
