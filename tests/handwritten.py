@@ -237,14 +237,21 @@ def read_right(numbers: list[tuple[Path, str]], *model: str) -> float:
     return sum(got.get(str(path)) == digits for path, digits in numbers) / len(numbers)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def measuring_parser(description: str, count: int, per: str) -> argparse.ArgumentParser:
+    """The flags of a script that measures a model on numbers it makes: the model, how many numbers `per`
+    set, how long, which."""
+    parser = argparse.ArgumentParser(description=description)
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--weights", help="a model.h5")
     model.add_argument("--workdir", help="a train.py workdir")
-    parser.add_argument("--count", type=int, default=400, help="numbers per style (default: 400)")
+    parser.add_argument("--count", type=int, default=count, help=f"numbers per {per} (default: {count})")
     parser.add_argument("--max-digits", type=int, default=5, help="longest number (default: 5)")
     parser.add_argument("--seed", type=int, default=0, help="fixes the numbers (default: 0)")
+    return parser
+
+
+def main() -> None:
+    parser = measuring_parser(__doc__.split("\n\n")[0], 400, "style")
     parser.add_argument(
         "--styles", default=",".join(STYLES), help=f"comma-separated, of {', '.join(STYLES)} (default: all)"
     )

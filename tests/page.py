@@ -17,7 +17,6 @@ the page meets it (the last line is JSON; needs Debian's chromium and chromium-d
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -201,13 +200,9 @@ def read_right(page, count: int, max_digits: int, seed: int, spacing: str) -> tu
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--weights", help="a model.h5")
-    model.add_argument("--workdir", help="a train.py workdir")
-    parser.add_argument("--count", type=int, default=200, help="numbers per spacing (default: 200)")
-    parser.add_argument("--max-digits", type=int, default=5, help="longest number (default: 5)")
-    parser.add_argument("--seed", type=int, default=0, help="fixes the numbers (default: 0)")
+    from handwritten import measuring_parser
+
+    parser = measuring_parser(__doc__.split("\n\n")[0], 200, "spacing")
     parser.add_argument("--shots", help="a folder: a screenshot of the page for the first number of each spacing")
     args = parser.parse_args()
 
