@@ -164,9 +164,7 @@ def ink(gray: np.ndarray) -> np.ndarray:
     strokes = rough > max(16.0, 0.3 * _strongest(rough))
     area = np.count_nonzero(strokes)
     if area and not dense:
-        edge = np.count_nonzero(strokes & ~ndi.binary_erosion(strokes))
-        width = 2 * area / max(edge, 1)  # a stroke of width s and length l: area s·l, edge 2·l
-        window = int(np.clip(_STROKES_PER_WINDOW * width, 3, short // 2))
+        window = int(np.clip(_STROKES_PER_WINDOW * stroke_width(strokes), 3, short // 2))
         paper = ndi.maximum_filter(ndi.minimum_filter(smooth, window), window)
     light = np.maximum(255.0 - paper, 32.0)  # how bright the paper is lit (dark paper: ink shows less)
     contrast = (pixels - paper) * (255.0 / light)
@@ -212,16 +210,21 @@ def ink_box(pixels: np.ndarray) -> tuple[int, int, int, int] | None:
     return top, left, bottom - top, right - left
 
 
+def stroke_width(strokes: np.ndarray) -> float:
+    """The mean width in pixels of the strokes of a bool [h, w]: a stroke of width s and length l has area
+    s·l and 2·l pixels on its edge."""
+    edge = np.count_nonzero(strokes & ~ndi.binary_erosion(strokes))
+    return 2 * np.count_nonzero(strokes) / max(edge, 1)
+
+
 def _widened(pixels: np.ndarray, scale: float) -> np.ndarray:
     """Ink float32 [h, w] whose strokes, scaled by `scale`, would be narrower than MIN_STROKE pixels (a
     pencil's line, a pointer's, a fine pen's) → its strokes widened to that by a grey dilation with a disc,
     so that framed they are as wide as MNIST's thinnest and do not fade in the resampling."""
     strokes = pixels > INK_LEVEL
-    edge = np.count_nonzero(strokes & ~ndi.binary_erosion(strokes))
-    if edge == 0:
+    if not strokes.any():
         return pixels
-    width = 2 * np.count_nonzero(strokes) / edge  # a stroke of width s and length l: area s·l, edge 2·l
-    radius = (MIN_STROKE / scale - width) / 2
+    radius = (MIN_STROKE / scale - stroke_width(strokes)) / 2
     if radius < 0.5:
         return pixels
     reach = int(np.ceil(radius))

@@ -11,6 +11,7 @@ import pytest
 from conftest import tiles
 from PIL import Image, ImageFilter
 
+from pipeline import framing
 from pipeline.images import ImageFileError, gray_array, model_input, native_layout, read_gray
 
 
@@ -270,13 +271,6 @@ def test_numbers_in_a_felt_tip_marker_cropped_close_frame_as_the_number(pools):
         assert _likeness(model_input(_cropped_close(ink), (28, 140), 5, layout="free"), expected) > 0.95
 
 
-def _stroke_width(image: np.ndarray) -> float:
-    import scipy.ndimage as ndi
-
-    strokes = image > 64
-    return 2 * strokes.sum() / max(1, np.count_nonzero(strokes & ~ndi.binary_erosion(strokes)))
-
-
 def _written_with_a_pen(number: str, width: int) -> np.ndarray:
     """`number` in tests/page.py's letterforms, 100 px high, drawn with a line `width` px wide: white on black."""
     from page import layout
@@ -295,7 +289,8 @@ def test_a_hairline_number_frames_with_strokes_as_wide_as_mnists(number):
     strokes are as wide as MNIST's thinnest and as bright. (Resampled as they were, they framed a fifth of
     a pixel wide and faint — 2 px above INK_LEVEL, a quarter as bright: pencil numbers lost their thin digits.)"""
     hairline = model_input(235 - _written_with_a_pen(number, 1) // 2, (28, 140), 5, layout="free")
-    assert _stroke_width(hairline) >= 2.5 and np.percentile(hairline[hairline > 64], 75) > 200
+    ink = hairline > framing.INK_LEVEL
+    assert framing.stroke_width(ink) >= 2.5 and np.percentile(hairline[ink], 75) > 200
 
 
 @pytest.mark.parametrize(
