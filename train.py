@@ -7,7 +7,7 @@ checkpoints/ (orbax), tensorboard/ and model.h5; rerunning the same command cont
 
 from __future__ import annotations
 
-import startup  # noqa: F401  (first: a quiet Ctrl-C while the libraries load; TensorFlow configured)
+import startup  # (first: a quiet Ctrl-C while the libraries load; TensorFlow configured)
 
 # isort: split
 import argparse
@@ -23,6 +23,7 @@ import jax
 from model import distributed, loop
 from model import networks as nets
 from model.recipes import ACCELERATOR_ENSEMBLE, CHECKPOINT_MINUTES, RECIPES, STREAMING_EPOCH, Recipe
+from model.workdir import Workdir
 from pipeline import flags
 from pipeline.mnist import load_pool
 from pipeline.sequences import SequenceConfig, eval_batches, numpy_batches, numpy_stacks, train_batches
@@ -223,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         config, reason = config_from_args(args, jax.default_backend())  # the backend is known once JAX started
         if reason and distributed.is_main():
             print(reason, flush=True)
+        workdir = args.workdir or Path("runs") / config.preset
+        startup.report_crashes_to(Workdir(workdir).crash_file)
         data = sequences(config, args.data_dir, args.mnist_dir)
-        return loop.train_and_evaluate(config, args.workdir or Path("runs") / config.preset, data, args.resume)
+        return loop.train_and_evaluate(config, workdir, data, args.resume)
     except (loop.TrainingStopped, distributed.DistributedError) as error:
         print(f"{PROG}: {error}", file=sys.stderr, flush=True)
         return 1

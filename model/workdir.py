@@ -6,6 +6,7 @@
     WORKDIR/tensorboard/    the same figures for TensorBoard
     WORKDIR/model.h5        the Keras file (model/keras_h5.py)
     WORKDIR/.lock           held by the train.py that owns the workdir
+    WORKDIR/crash.txt       only after a crash: what each thread was doing (startup.py)
 
 Every file is written whole or not at all (`atomic_write`), so a kill or a full disk leaves the
 previous version in place. A damaged file is named in the error, with what to do.
@@ -28,6 +29,7 @@ CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tensorboard"
 MODEL = "model.h5"
 LOCK = ".lock"
+CRASH = "crash.txt"
 _PARTIAL = ".{name}.partial"
 
 # What a config.json means by a key it lacks: it was written before ensembles (one network), layouts
@@ -77,6 +79,7 @@ class Workdir:
         self.checkpoints = self.path / CHECKPOINTS
         self.tensorboard = self.path / TENSORBOARD
         self.model = self.path / MODEL
+        self.crash_file = self.path / CRASH
 
     def __str__(self) -> str:
         return str(self.path)
@@ -86,10 +89,11 @@ class Workdir:
 
     def is_foreign(self) -> bool:
         """A non-empty folder that no train.py wrote: never to be written into. (Its lock and a partial
-        file are train.py's own: another process of the run may be writing config.json right now.)"""
+        file are train.py's own: another process of the run may be writing config.json right now; a crash
+        report is its own too.)"""
         if not self.path.is_dir() or self.holds_a_run():
             return False
-        ours = (LOCK, _PARTIAL.format(name="*"))
+        ours = (LOCK, _PARTIAL.format(name="*"), CRASH)
         return any(not any(fnmatch.fnmatch(p.name, pattern) for pattern in ours) for p in self.path.iterdir())
 
     def has_checkpoint(self) -> bool:

@@ -144,3 +144,23 @@ def test_a_live_workdir_is_read_every_time_while_its_training_removes_checkpoint
     assert only_line(stderr) == (
         f"train.py: SIGHUP: saved step {step} in {workdir.checkpoints}; rerun the same command to continue"
     )
+
+
+def test_a_crash_is_said_in_one_line_and_what_each_thread_did_is_kept(tmp_path, mnist_dir):
+    """A fatal signal (here SIGSEGV, as a C++ library's bad read would raise): one line on stderr naming
+    the report, the report in the workdir, and the workdir still the run's own (a rerun continues it)."""
+    workdir = Workdir(tmp_path / "run")
+    process = start(workdir.path, "--epochs", "40")
+    wait_for(workdir.metrics_file.is_file, process)
+    process.send_signal(signal.SIGSEGV)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == -signal.SIGSEGV
+    assert only_line(stderr) == (
+        f"train.py: crashed (Segmentation fault); what each thread was doing is in {workdir.crash_file}"
+    )
+    report = workdir.crash_file.read_text()
+    assert report.startswith("Fatal Python error: Segmentation fault") and 'train.py", line' in report
+    early = Workdir(tmp_path / "early")  # a crash before the run's first file: the folder is still train.py's
+    early.path.mkdir()
+    early.crash_file.write_text(report)
+    assert not early.is_foreign()
