@@ -54,20 +54,23 @@ def test_interrupted_every_way_then_rerun_ends_bit_identical(tmp_path, mnist_dir
     stopped = steps_saved(workdir)[-1]
     assert 3 <= stopped < 15
 
-    # kill -9 in the middle of a checkpoint save: frozen while orbax's temporary folder exists, then killed.
-    killed = start(workdir, "--checkpoint-every", "1")
+    # kill -9 in the middle of a checkpoint save (frozen while orbax's temporary folder exists, then killed),
+    # twice: the second run resumes from what the first kill left and is killed mid-save in its turn.
     partials = workdir / "checkpoints"
-    while True:
-        wait_for(lambda: any(partials.glob("*.orbax-checkpoint-tmp*")), killed)
-        killed.send_signal(signal.SIGSTOP)
-        caught = [p.name for p in partials.glob("*.orbax-checkpoint-tmp*")]
-        if caught:
-            killed.kill()
-            killed.communicate()
-            break
-        killed.send_signal(signal.SIGCONT)  # the save completed meanwhile: try the next one
-    half_saved = int(caught[0].split(".")[0])
-    assert half_saved not in steps_saved(workdir) and steps_saved(workdir)[-1] == half_saved - 1
+    for _ in range(2):
+        left = set(partials.glob("*.orbax-checkpoint-tmp*"))  # the last kill's, removed once the run resumes
+        killed = start(workdir, "--checkpoint-every", "1")
+        while True:
+            wait_for(lambda: bool(set(partials.glob("*.orbax-checkpoint-tmp*")) - left), killed)
+            killed.send_signal(signal.SIGSTOP)
+            caught = [p.name for p in set(partials.glob("*.orbax-checkpoint-tmp*")) - left]
+            if caught:
+                killed.kill()
+                killed.communicate()
+                break
+            killed.send_signal(signal.SIGCONT)  # the save completed meanwhile: try the next one
+        half_saved = int(caught[0].split(".")[0])
+        assert half_saved not in steps_saved(workdir) and steps_saved(workdir)[-1] == half_saved - 1
 
     resumed = run("train.py", "--workdir", str(workdir), *TINY, "--checkpoint-every", "3")
     assert resumed.returncode == 0, resumed.stderr
