@@ -207,6 +207,7 @@ def _attend_layers(graph: _Graph, layer: nets.Attend, positions: int, params: di
     flat = (width * layer.summary,)
     graph.tensor = graph.add("Flatten", f"{prefix}summaries", {"data_format": "channels_last"}, flat)
     dense("locator", layer.hidden, "relu", (layer.hidden,))
+    located = graph.tensor
     dense("where", positions * width, "linear", (positions * width,))
     graph.tensor = graph.add("Reshape", f"{prefix}scores", {"target_shape": [positions, width]}, (positions, width))
     weights = graph.add("Softmax", f"{prefix}where_weights", {"axis": -1}, (positions, width))
@@ -231,9 +232,17 @@ def _attend_layers(graph: _Graph, layer: nets.Attend, positions: int, params: di
                 source=[weights, shifted],
             )  # fmt: skip
         )
-    graph.tensor = graph.add(
-        "Concatenate", f"{prefix}windows", {"axis": -1}, (positions, layer.window * features), source=windows
-    )
+    flat = (positions, layer.window * features)
+    graph.tensor = graph.add("Concatenate", f"{prefix}windows", {"axis": -1}, flat, source=windows)
+    if layer.fit_window:  # each window column times its gate, a sigmoid of the localiser's hidden units
+        split = (positions, layer.window, features)
+        windows = graph.add("Reshape", f"{prefix}window_columns", {"target_shape": list(split)}, split)
+        graph.tensor = located
+        dense("fit", positions * layer.window, "sigmoid", (positions * layer.window,))
+        gates = graph.add("Reshape", f"{prefix}gates", {"target_shape": [positions, layer.window, 1]},
+                          (positions, layer.window, 1))  # fmt: skip
+        graph.tensor = graph.add("Multiply", f"{prefix}fitted_windows", {}, split, source=[windows, gates])
+        graph.tensor = graph.add("Reshape", f"{prefix}fitted", {"target_shape": list(flat)}, flat)
 
 
 def _keras_graph(network: nets.Network, image_size: tuple[int, int], variables: dict) -> tuple[_Graph, list[str]]:

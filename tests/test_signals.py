@@ -61,7 +61,7 @@ def test_interrupted_every_way_then_rerun_ends_bit_identical(tmp_path, mnist_dir
         left = set(partials.glob("*.orbax-checkpoint-tmp*"))  # the last kill's, removed once the run resumes
         killed = start(workdir, "--checkpoint-every", "1")
         while True:
-            wait_for(lambda: bool(set(partials.glob("*.orbax-checkpoint-tmp*")) - left), killed)
+            wait_for(lambda left=left: bool(set(partials.glob("*.orbax-checkpoint-tmp*")) - left), killed)
             killed.send_signal(signal.SIGSTOP)
             caught = [p.name for p in set(partials.glob("*.orbax-checkpoint-tmp*")) - left]
             if caught:
