@@ -28,7 +28,7 @@ from tqdm import tqdm
 from model import metrics, plots, trained
 from model import networks as nets
 from model.workdir import atomic_write
-from pipeline import export, flags
+from pipeline import export, flags, folders
 from pipeline.mnist import load_pool
 from pipeline.sequences import LAYOUTS, SequenceConfig, eval_batches, numpy_batches
 
@@ -39,6 +39,12 @@ BATCH = 1000
 def test_batches(
     args: argparse.Namespace, image_size: tuple[int, int], positions: int, layout: str
 ) -> tuple[Iterator, int]:
+    if args.data and not args.data.exists():
+        raise ValueError(f"{args.data} does not exist; give a labelled folder (images and labels.csv with the columns "
+                         "file,digits) or a .npz/.h5 that python -m pipeline.export wrote")  # fmt: skip
+    if args.data and args.data.is_dir():  # a labelled folder: each image framed as predict.py frames it
+        folder = folders.read_folder(args.data, positions, layout)
+        return folders.batches(folder.canvases, folder.labels(positions), image_size, BATCH), len(folder)
     if args.data:
         images, labels = export.read(args.data)
         if images.shape[1:] != image_size or labels.shape[1] != positions:
@@ -85,7 +91,11 @@ def main(argv: list[str] | None = None) -> int | None:
     parser.add_argument(
         "--checkpoint", choices=trained.CHECKPOINT_CHOICES, default="latest", help=trained.CHECKPOINT_HELP
     )
-    parser.add_argument("--data", type=Path, help="evaluate on this .npz/.h5 (images, labels) instead")
+    parser.add_argument(
+        "--data", type=Path,
+        help="evaluate on this instead: a labelled folder (image files and labels.csv with the columns file,digits; "
+        "each image framed as predict.py frames it), or a fixed set's .npz/.h5 (python -m pipeline.export)",
+    )  # fmt: skip
     parser.add_argument(
         "--examples", type=flags.positive_int, default=10_000, help="test sequences to build (default: 10000)"
     )
@@ -111,12 +121,13 @@ def main(argv: list[str] | None = None) -> int | None:
     )  # fmt: skip
     flags.add_data_flags(parser)
     args = parser.parse_args(argv)
-    if args.data and args.distortions:
-        parser.error("--distortions builds test sequences; a --data file is evaluated as it is")
+    if args.data and (args.distortions or args.layout):
+        parser.error(f"--{'distortions' if args.distortions else 'layout'} builds test sequences; --data is "
+                     "evaluated as it is (a folder's images framed as the model reads them)")  # fmt: skip
 
     model = trained.from_weights(args.weights) if args.weights else trained.from_workdir(args.workdir, args.checkpoint)
     network, image_size = model.network, model.image_size
-    layout = None if args.data else args.layout or model.reads
+    layout = None if args.data and not args.data.is_dir() else args.layout or model.reads  # (a folder: as it reads)
     batches, total = test_batches(args, image_size, network.positions, layout)
     variables = jax.device_put(model.variables)
     first = next(iter(batches))

@@ -19,21 +19,25 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import jax
+import numpy as np
 
-from model import distributed, loop
+from model import distributed, loop, trained
 from model import networks as nets
-from model.recipes import ACCELERATOR_ENSEMBLE, CHECKPOINT_MINUTES, RECIPES, STREAMING_EPOCH, Recipe
+from model.recipes import ACCELERATOR_ENSEMBLE, CHECKPOINT_MINUTES, FINE_TUNING, RECIPES, STREAMING_EPOCH, Recipe
 from model.workdir import Workdir
-from pipeline import flags
+from pipeline import flags, folders
 from pipeline.mnist import load_pool
-from pipeline.sequences import SequenceConfig, eval_batches, numpy_batches, numpy_stacks, train_batches
+from pipeline.sequences import Numbers, SequenceConfig, eval_batches, numpy_batches, numpy_stacks, train_batches
 
 PROG = "train.py"
 
 
-def sequences(config: Recipe, data_dir: str | None, mnist_dir: str | None) -> loop.Data:
-    """The loop's data: training stacks as the recipe draws them; validation never augmented nor distorted
-    (it chooses checkpoints for MNIST's own hand). The pools load at the first call."""
+def sequences(
+    config: Recipe, data_dir: str | None, mnist_dir: str | None, own: OwnNumbers | None = None
+) -> loop.Data:
+    """The loop's data: training stacks as the recipe draws them, a user's numbers among them; validation
+    never augmented nor distorted (it chooses checkpoints for MNIST's own hand — or the user's numbers held
+    out). The pools load at the first call."""
     train_sequences = SequenceConfig(config.max_digits, config.image_size, config.augment, config.layout,
                                      config.distortions)  # fmt: skip
     val_sequences = dataclasses.replace(train_sequences, augment=False, distortions=())
@@ -43,15 +47,53 @@ def sequences(config: Recipe, data_dir: str | None, mnist_dir: str | None) -> lo
         return numpy_stacks(train_batches(
             pool, train_sequences, batch_size=config.batch_size, seed=config.seed,
             num_examples=config.train_examples, start_step=start_step, shard=shard,
+            numbers=own.numbers if own else None,
         ))  # fmt: skip
 
     def validation(batch_size: int) -> Iterator[dict]:
+        if own:
+            return folders.batches(*own.validation, config.image_size, batch_size)
         pool = load_pool(config.validate_on, data_dir, mnist_dir)
         return numpy_batches(eval_batches(
             pool, val_sequences, num_examples=config.val_examples, batch_size=batch_size, seed=config.seed,
         ))  # fmt: skip
 
     return loop.Data(train, validation)
+
+
+@dataclasses.dataclass(frozen=True)
+class OwnNumbers:
+    numbers: Numbers  # trained on beside MNIST's sequences
+    validation: tuple[np.ndarray, np.ndarray]  # canvases and labels of the numbers that choose the checkpoint
+
+
+def own_numbers(args: argparse.Namespace, config: Recipe) -> tuple[Recipe, OwnNumbers | None]:
+    """The --data folders' numbers to train on and the ones that choose the checkpoint (--val-data's, else a
+    held-out share), every folder checked first; the recipe recording them."""
+    if not args.data:
+        return config, None
+    layout = "cells" if config.layout == "cells" else "free"  # framed as a model of this layout reads
+    trained_on = [folders.read_folder(path, config.max_digits, layout) for path in args.data]
+    chosen_by = [folders.read_folder(path, config.max_digits, layout) for path in args.val_data or ()]
+    canvases, labels = folders.joined(trained_on, config.max_digits)
+    if chosen_by:
+        validation = folders.joined(chosen_by, config.max_digits)
+    else:
+        kept, held = folders.split(trained_on)
+        validation = canvases[held], labels[held]
+        canvases, labels = canvases[kept], labels[kept]
+    share = folders.SHARE if args.data_share is None else args.data_share
+    numbers = folders.numbers(canvases, labels, share, config.distortions, config.image_size, config.seed)
+    config = dataclasses.replace(
+        config, data=tuple(map(str, args.data)), data_share=share, val_data=tuple(map(str, args.val_data or ())),
+        data_digest=folders.digest(trained_on, chosen_by), val_examples=len(validation[1]),
+    )  # fmt: skip
+    return config, OwnNumbers(numbers, validation)
+
+
+def default_workdir(args: argparse.Namespace, config: Recipe) -> Path:
+    """runs/<preset>; a run on --data folders: runs/<the first folder's name>."""
+    return Path("runs") / (Path(args.data[0]).resolve().name if args.data else config.preset)
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -147,6 +189,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="steps between periodic checkpoints (default: one every "
         f"{CHECKPOINT_MINUTES:g} min of wall time); also saved at every epoch end and on Ctrl-C, SIGTERM or SIGHUP",
     )  # fmt: skip
+    own = parser.add_argument_group(
+        "your own numbers (docs/own-numbers.md)",
+        "A labelled folder holds image files and a labels.csv with the columns file,digits. Its numbers are "
+        "framed as predict.py frames a file, drawn with the recipe's distortions, and take a share of every "
+        "batch; MNIST's sequences the rest, so that what was learned is kept.",
+    )
+    own.add_argument(
+        "--data", type=Path, action="append", metavar="DIR",
+        help="train on this labelled folder's numbers beside MNIST's sequences (repeatable); the workdir "
+        "defaults to runs/<the folder's name>",
+    )  # fmt: skip
+    own.add_argument(
+        "--data-share", type=flags.fraction, metavar="FRACTION",
+        help=f"of every batch's sequences, the share drawn from the --data folders (default: {folders.SHARE:g})",
+    )  # fmt: skip
+    own.add_argument(
+        "--val-data", type=Path, action="append", metavar="DIR",
+        help="labelled folder whose numbers choose the checkpoint (repeatable; default: "
+        f"{folders.HELD_OUT * 100:g} %% of the --data numbers, held out of training)",
+    )  # fmt: skip
+    tuning = (f"{FINE_TUNING['epochs']} epochs of a fixed {FINE_TUNING['train_examples']:,} MNIST sequences (and the "
+              f"folders' share), learning rate {FINE_TUNING['learning_rate']:g} with a {FINE_TUNING['schedule']} "
+              "schedule")  # fmt: skip
+    own.add_argument(
+        "--init-from", type=Path, metavar="MODEL",
+        help="start from this model's network and weights (a model.h5, or a workdir's latest checkpoint) with "
+        f"the recipe of its preset made for fine-tuning: {tuning} (flags given still win)",
+    )  # fmt: skip
     flags.add_data_flags(parser)
     flags.add_sequence_flags(parser, layout_default=recipe("layout"), distortions_default=recipe("distortions"))
     parser.set_defaults(max_digits=None, layout=None, distortions=None)  # the recipe's
@@ -187,15 +257,27 @@ def chosen_preset(args: argparse.Namespace, backend: str) -> tuple[str, dict, st
     return "default", {}, ""
 
 
-def config_from_args(args: argparse.Namespace, backend: str = "cpu") -> tuple[Recipe, str]:
+OWN_FLAGS = ("data", "data_share", "val_data", "init_from")  # recorded by own_numbers and fine_tuned, not as given
+
+
+def config_from_args(
+    args: argparse.Namespace, backend: str = "cpu", initial: trained.Trained | None = None
+) -> tuple[Recipe, str]:
     """The preset's recipe with the flags that were given put in place of its values, and a line saying
-    what was chosen and why when --preset was left out ("" for the CPU default)."""
-    fields = {field.name for field in dataclasses.fields(Recipe)}
+    what was chosen and why when --preset was left out ("" for the CPU default). Starting from `initial`
+    (--init-from): its preset's recipe made for fine-tuning, with its network's shape."""
+    fields = {field.name for field in dataclasses.fields(Recipe)} - set(OWN_FLAGS)
     given = {name: value for name, value in vars(args).items() if name in fields and value is not None}
     if args.streaming:
         given["train_examples"] = None
+    if args.data_share is not None and not args.data:
+        raise ValueError("--data-share is the share of the --data folders' numbers; give --data DIR too")
+    if args.val_data and not args.data:
+        raise ValueError("--val-data chooses the checkpoint of a run on --data folders; give --data DIR too")
     reason = ""
-    if args.preset is None:
+    if initial is not None:
+        given = fine_tuned(initial, given)
+    elif args.preset is None:
         preset, extra, why = chosen_preset(args, backend)
         given = {"preset": preset, **extra, **given}
         if why:
@@ -210,9 +292,26 @@ def config_from_args(args: argparse.Namespace, backend: str = "cpu") -> tuple[Re
         raise ValueError(f"--learning-rate must be positive and finite, not {config.learning_rate}")
     if not 0 <= config.label_smoothing < 1:
         raise ValueError(f"--label-smoothing must be in [0, 1), not {config.label_smoothing}")
+    if initial is not None:
+        config = dataclasses.replace(config, init_from=initial.description, init_digest=initial.digest())
     if config.train_examples is not None and config.train_examples < config.batch_size:
         raise ValueError(f"--train-examples {config.train_examples} cannot fill one batch of {config.batch_size}")
     return config, reason
+
+
+def fine_tuned(initial: trained.Trained, given: dict) -> dict:
+    """The recipe values of fine-tuning `initial` (FINE_TUNING, the shape of its network), the flags given on
+    top; a flag that would change its network refused."""
+    shaped = [f"--{name.replace('_', '-')}" for name in ("preset", "ensemble", "max_digits", "image_size")
+              if name in given]  # fmt: skip
+    if shaped:
+        raise ValueError(f"{shaped[0]} cannot be given with --init-from: the network is the model's")
+    if initial.preset not in RECIPES:
+        raise ValueError(f"--init-from {initial.description}: its preset {initial.preset!r} has no recipe here")
+    network = initial.network
+    shape = dict(preset=initial.preset, max_digits=network.positions, image_size=tuple(initial.image_size),
+                 ensemble=network.members, layout=initial.layout)  # fmt: skip
+    return {**FINE_TUNING, **shape, **given}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,13 +320,18 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--process-id {args.process_id} must be below --num-processes {args.num_processes}")
     try:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.distributed)
-        config, reason = config_from_args(args, jax.default_backend())  # the backend is known once JAX started
+        initial = trained.load(args.init_from) if args.init_from else None
+        config, reason = config_from_args(args, jax.default_backend(), initial)  # the backend is known once JAX started
         if reason and distributed.is_main():
             print(reason, flush=True)
-        workdir = args.workdir or Path("runs") / config.preset
+        config, own = own_numbers(args, config)  # every folder checked before anything is written
+        workdir = args.workdir or default_workdir(args, config)
+        if initial is not None and initial.workdir and initial.workdir.path.resolve() == workdir.resolve():
+            raise ValueError(f"--init-from {args.init_from} is in the workdir this run would train in; pick another "
+                             "--workdir")  # fmt: skip
         startup.report_crashes_to(Workdir(workdir).crash_file)
-        data = sequences(config, args.data_dir, args.mnist_dir)
-        return loop.train_and_evaluate(config, workdir, data, args.resume)
+        data = sequences(config, args.data_dir, args.mnist_dir, own)
+        return loop.train_and_evaluate(config, workdir, data, args.resume, initial)
     except (loop.TrainingStopped, distributed.DistributedError) as error:
         print(f"{PROG}: {error}", file=sys.stderr, flush=True)
         return 1

@@ -56,9 +56,12 @@ class Data:
     validation: Callable[[int], Iterable[dict]]
 
 
-def train_and_evaluate(config: Recipe, workdir: Path, data: Data, resume: bool = True) -> int:
-    """Trains `config` in `workdir` to its end, its time budget or a signal; returns the exit status."""
-    with start(config, workdir, resume) as run:
+def train_and_evaluate(
+    config: Recipe, workdir: Path, data: Data, resume: bool = True, initial: trained.Trained | None = None
+) -> int:
+    """Trains `config` in `workdir` to its end, its time budget or a signal; returns the exit status. A fresh
+    run starts from `initial`'s network and weights when given (fine-tuning), else from the preset's."""
+    with start(config, workdir, resume, initial) as run:
         return train(run, data)
 
 
@@ -90,14 +93,14 @@ def shardings() -> tuple[NamedSharding, NamedSharding, NamedSharding]:
 
 
 @contextlib.contextmanager
-def start(config: Recipe, path: Path, resume: bool) -> Iterator[Run]:
+def start(config: Recipe, path: Path, resume: bool, initial: trained.Trained | None = None) -> Iterator[Run]:
     """The run in `path`, ready for its next step; its workdir stays locked (and its checkpoints open) inside."""
     started = time.monotonic()
     if config.batch_size % jax.device_count():
         raise ValueError(f"batch size {config.batch_size} does not split over {jax.device_count()} devices")
     workdir = Workdir(path)
     with contextlib.ExitStack() as stack:
-        network, variables, checkpoints = stack.enter_context(open_workdir(config, workdir, resume))
+        network, variables, checkpoints = stack.enter_context(open_workdir(config, workdir, resume, initial))
         replicated, _, stacked = shardings()
         optimizer = config.optimizer()
         step_fn = training.jit_train_step(
@@ -118,7 +121,9 @@ def start(config: Recipe, path: Path, resume: bool) -> Iterator[Run]:
 
 
 @contextlib.contextmanager
-def open_workdir(config: Recipe, workdir: Workdir, resume: bool) -> Iterator[tuple[nets.Network, dict, Checkpoints]]:
+def open_workdir(
+    config: Recipe, workdir: Workdir, resume: bool, initial: trained.Trained | None = None
+) -> Iterator[tuple[nets.Network, dict, Checkpoints]]:
     """The resume rules. A workdir holding someone else's files is refused. With a checkpoint and resume,
     the run continues with the network its config.json records, under the same RESUME_KEYS (and epochs,
     which shape a cosine schedule), or is refused in one sentence saying how to go on; a model.h5 without a
@@ -142,20 +147,27 @@ def open_workdir(config: Recipe, workdir: Workdir, resume: bool) -> Iterator[tup
             workdir.clear_run()
         checkpoints = Checkpoints(workdir.checkpoints, writer=True)
         try:
-            yield *_settle(config, workdir, continuing, checkpoints), checkpoints
+            yield *_settle(config, workdir, continuing, checkpoints, initial), checkpoints
         finally:
             checkpoints.close()
 
 
-def _settle(config: Recipe, workdir: Workdir, continuing: bool, checkpoints: Checkpoints) -> tuple[nets.Network, dict]:
-    """The network (a continued run's recorded one) and its initial variables, the run's record checked
-    against the one it continues; config.json written."""
+def _settle(
+    config: Recipe, workdir: Workdir, continuing: bool, checkpoints: Checkpoints, initial: trained.Trained | None
+) -> tuple[nets.Network, dict]:
+    """The network (a continued run's recorded one, or `initial`'s) and its initial variables, the run's record
+    checked against the one it continues; config.json written."""
     preset = nets.get_preset(config.preset)
     network = nets.build(preset, config.max_digits, config.ensemble)
     if continuing:
         saved = workdir.read_config()
         network = trained.recorded_network(workdir, saved, _legacy_variables(saved, checkpoints))
+    elif initial is not None:
+        network = initial.network
     variables = nets.init_variables(network, config.image_size, config.seed)
+    if initial is not None and not continuing:  # its weights, in the structure and types a fresh start has
+        given = {name: initial.variables.get(name, {}) for name in variables}
+        variables = jax.tree.map(lambda fresh, weights: np.asarray(weights, fresh.dtype), variables, given)
     record = dataclasses.asdict(config) | {
         "image_size": list(config.image_size), "distortions": list(config.distortions),
         "layers": nets.layers_to_json(network.layers), "devices": jax.device_count(),
@@ -170,7 +182,7 @@ def _settle(config: Recipe, workdir: Workdir, continuing: bool, checkpoints: Che
                 f"{workdir} holds a run trained with {was}; to continue it pass the same values, "
                 "or start over with --no-resume (discards it), or pick another --workdir"
             )
-        if network.layers != preset.layers:  # said once the run is sure to continue
+        if network.layers != preset.layers and initial is None:  # said once the run is sure to continue
             note(f"{workdir} continues with the network it recorded, not today's {preset.name} preset")
     if distributed.is_main():
         workdir.write_config(record)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import sys
 from pathlib import Path
+
+import jax
+import numpy as np
 
 from model import keras_h5
 from model import networks as nets
@@ -21,6 +25,16 @@ class Trained:
     workdir: Workdir | None  # the training run it came from, when known (its metrics.jsonl)
     layout: str  # of the sequences it was trained on: "cells", "free" or "mixed"
     label_smoothing: float  # of its training: its probabilities' ceiling (0.0 where unknown)
+    preset: str = "default"  # whose recipe it was trained with
+
+    def digest(self) -> str:
+        """sha256 of its weights (names, shapes and bytes): the same model, the same digest."""
+        hashed = hashlib.sha256()
+        for path, array in jax.tree_util.tree_flatten_with_path(self.variables)[0]:
+            array = np.ascontiguousarray(array, np.float32)
+            hashed.update(f"{jax.tree_util.keystr(path)}{array.shape}".encode())
+            hashed.update(array.tobytes())
+        return hashed.hexdigest()
 
     @property
     def reads(self) -> str:
@@ -91,7 +105,9 @@ def from_workdir(path: Path, checkpoint: str = "latest") -> Trained:
     layout = config["layout"]
     description = f"{path} step {step} ({config['preset']}, {layout} layout)"
     smoothing = float(config.get("label_smoothing", 0.0))
-    return Trained(network, tuple(config["image_size"]), variables, description, workdir, layout, smoothing)
+    return Trained(
+        network, tuple(config["image_size"]), variables, description, workdir, layout, smoothing, config["preset"]
+    )
 
 
 def from_weights(path: Path) -> Trained:
@@ -106,4 +122,12 @@ def from_weights(path: Path) -> Trained:
         except (OSError, TypeError, ValueError):  # a damaged config.json does not stop the model being read
             smoothing = 0.0
     description = f"{path} ({model.preset}, {model.layout} layout)"
-    return Trained(model.network, model.image_size, model.variables, description, run, model.layout, smoothing)
+    return Trained(
+        model.network, model.image_size, model.variables, description, run, model.layout, smoothing, model.preset
+    )
+
+
+def load(path: Path) -> Trained:
+    """A model.h5, or a workdir's latest checkpoint (a folder)."""
+    path = Path(path)
+    return from_workdir(path) if path.is_dir() else from_weights(path)

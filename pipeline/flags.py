@@ -45,6 +45,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def fraction(text: str) -> float:
+    """argparse type: a number above 0 and at most 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction above 0 and at most 1 (e.g. 0.5), not {text!r}")
+    return value
+
+
 def env_int(name: str) -> int | None:
     """A whole number from the environment variable `name` (None if unset or not one)."""
     value = os.environ.get(name)

@@ -245,6 +245,12 @@ def frame(gray: np.ndarray, canvas_width: int) -> np.ndarray:
     canvas = np.zeros((CANVAS_HEIGHT, canvas_width), np.uint8)
     if box is None:
         return canvas
+    return place(pixels, box, canvas_width)
+
+
+def place(pixels: np.ndarray, box: tuple[int, int, int, int], canvas_width: int) -> np.ndarray:
+    """Ink uint8 or float [h, w] and its box (top, left, height, width) → the framed uint8 [28, canvas_width]
+    (steps 2–3 of `frame`, the page already clean)."""
     top, left, height, width = box
     margin = max(3, height // 5)
     # Only the box and its margin are kept (the rest is dropped): cropped to them, the origin moved
@@ -254,7 +260,7 @@ def frame(gray: np.ndarray, canvas_width: int) -> np.ndarray:
     scale, new_top, new_left = (float(v) for v in placement(height, width, canvas_width))
     pixels = _widened(pixels, scale)
     framed = tf.raw_ops.ScaleAndTranslate(
-        images=tf.constant(pixels[None, :, :, None]),
+        images=tf.constant(pixels[None, :, :, None].astype(np.float32)),
         size=tf.constant([CANVAS_HEIGHT, canvas_width], tf.int32),
         scale=tf.constant([scale, scale], tf.float32),
         translation=tf.constant([new_top - top * scale, new_left - left * scale], tf.float32),

@@ -209,17 +209,25 @@ def _mnist_cell(column: np.ndarray) -> np.ndarray:
     return cell
 
 
+def native(gray: np.ndarray, max_digits: int, layout: str = "cells") -> np.ndarray:
+    """White-on-black uint8 [h, w] → the native [28, 28·max_digits] canvas of a model of `layout` ("cells" or
+    "free"): framed by the framing rule (free), or laid into cells (step 3 or 4)."""
+    if layout == "free":
+        return framing.frame(gray, TILE * max_digits)
+    return gray if gray.shape == (TILE, TILE * max_digits) else native_layout(gray, max_digits)
+
+
+def sized(canvas: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """A native canvas uint8 [28, 28·K] at the model's input size (step 5)."""
+    if canvas.shape == tuple(image_size):
+        return canvas
+    return resize(tf.constant(canvas[None, :, :, None]), image_size).numpy()[0, :, :, 0]
+
+
 def model_input(image: Source, image_size: tuple[int, int], max_digits: int, layout: str = "cells") -> np.ndarray:
     """An image file (a path, its bytes or the open file) or array as a model of `layout` ("cells" or
     "free") reads it: uint8 [height, width] (steps 1–5)."""
     gray = gray_array(image) if isinstance(image, np.ndarray) else read_gray(_image_file(image))
-    native_shape = (TILE, TILE * max_digits)
-    if layout == "free":
-        native = framing.frame(gray, TILE * max_digits)
-    elif gray.shape == tuple(image_size):
+    if layout != "free" and gray.shape == tuple(image_size):  # a cell model's own input: as it is
         return gray
-    else:
-        native = gray if gray.shape == native_shape else native_layout(gray, max_digits)
-    if native.shape == tuple(image_size):
-        return native
-    return resize(tf.constant(native[None, :, :, None]), image_size).numpy()[0, :, :, 0]
+    return sized(native(gray, max_digits, layout), image_size)

@@ -44,6 +44,7 @@ CELLS_IN_MIXED = 0.25  # share of cell-layout sequences in the mixed layout
 
 # Salts that keep the independent random streams of one seed apart.
 _SET, _STREAM, _SHIFT, _EPOCH, _GEOMETRY, _LAYOUT, _FRAME, _DISTORT, _VERSION, _TILT = range(1, 11)
+_NUMBERS = 20  # (11–14 are pipeline.distort's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +88,17 @@ class SequenceConfig:
     @property
     def resized(self) -> bool:
         return self.image_size != self.native_size
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Numbers:
+    """A user's numbers, trained on beside the sequences (`pipeline.folders` makes them): each row of a
+    training batch is one of them with probability `share`, in one of its versions, chosen by hashes of
+    (seed, step, row) like every other choice."""
+
+    images: np.ndarray  # uint8 [V, N, H, W]: each number's versions (its own first), at the input size
+    labels: np.ndarray  # int32 [N, K]
+    share: float
 
 
 def parse_image_size(text: str) -> tuple[int, int] | None:
@@ -312,6 +324,7 @@ def train_batches(
     start_step: int = 0,
     shard: tuple[int, int] = (0, 1),
     threads: int | None = None,
+    numbers: Numbers | None = None,
 ) -> tf.data.Dataset:
     """An endless stream of training batches; the one at step n is a pure function of (seed, n).
 
@@ -319,6 +332,7 @@ def train_batches(
     sequences (a function of the seed), visited in a new order every epoch of
     num_examples // batch_size steps (the remainder waits for a later epoch's order).
     shard=(i, n) keeps rows i·B/n .. (i+1)·B/n of every global batch of B.
+    numbers: a user's numbers, in place of a share of the rows (`Numbers`).
 
     Each element of the dataset holds several consecutive steps' batches, stacked on a leading
     axis (`numpy_batches` hands them out one step at a time).
@@ -338,6 +352,7 @@ def train_batches(
     per_shard = batch_size // count
     columns = tf.range(index * per_shard, (index + 1) * per_shard, dtype=tf.int64)  # this shard's rows
     steps_per_call = max(1, _SEQUENCES_PER_CALL // per_shard)
+    mix = None if numbers is None else _mixer(numbers, builder, config)
 
     def make(first_step: tf.Tensor) -> dict[str, tf.Tensor]:
         steps = first_step + tf.range(steps_per_call, dtype=tf.int64)[:, None]  # [S, 1]
@@ -365,10 +380,39 @@ def train_batches(
         shift_keys = hash_words(seed, _SHIFT, steps, columns) if config.augment else None
         distort_keys = hash_words(seed, _DISTORT, steps, columns) if config.distortions else None
         flat = builder.build(*(None if k is None else tf.reshape(k, [-1]) for k in (keys, shift_keys, distort_keys)))
+        if mix is not None:
+            flat = mix(flat, tf.reshape(hash_words(seed, _NUMBERS, steps, columns), [-1]))
         return {name: tf.reshape(t, [steps_per_call, per_shard, *t.shape[1:]]) for name, t in flat.items()}
 
     calls = tf.data.Dataset.range(start_step, 2**62, steps_per_call)
     return _finish(calls.map(_plain(make), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True), threads)
+
+
+def _mixer(numbers: Numbers, builder: _Builder, config: SequenceConfig):
+    """A function (batch, keys [b]) → the batch with each row, with probability numbers.share, one of the
+    numbers in one of its versions (with grain when the sequences have it)."""
+    versions, count, height, width = numbers.images.shape
+    if (height, width) != config.image_size or numbers.labels.shape[1:] != (config.max_digits,):
+        raise ValueError(
+            f"the numbers are {height}x{width} with {numbers.labels.shape[1]} positions; the sequences "
+            f"{config.image_size[0]}x{config.image_size[1]} with {config.max_digits}"
+        )
+    images = tf.constant(numbers.images.reshape(-1, height, width, 1))
+    labels = tf.constant(numbers.labels.astype(np.int32))
+
+    def mix(batch: dict[str, tf.Tensor], keys: tf.Tensor) -> dict[str, tf.Tensor]:
+        draws = hash_words(keys[:, None], tf.range(3))
+        taken = uniform(draws[:, 0]) < numbers.share
+        number = below(draws[:, 1], count)
+        image = tf.gather(images, below(draws[:, 2], versions) * count + number)
+        if "noise" in config.distortions:
+            image = builder.distorter.grain(image, keys)
+        return {
+            "image": tf.where(taken[:, None, None, None], image, batch["image"]),
+            "labels": tf.where(taken[:, None], tf.gather(labels, number), batch["labels"]),
+        }
+
+    return mix
 
 
 def eval_batches(

@@ -76,11 +76,14 @@ def _dense(stroke: list[tuple[float, float]], step: float) -> list[tuple[float, 
     return out
 
 
-def layout(number: str, rng: np.random.Generator | None, gap: tuple[float, float]) -> list[list[tuple[float, float]]]:
+def layout(
+    number: str, rng: np.random.Generator | None, gap: tuple[float, float], families: tuple[dict, ...] = LETTERFORMS
+) -> list[list[tuple[float, float]]]:
     """The strokes of `number` in the number's own box: x in digit heights from its left, y 0–1 down. Without
-    `rng`, the plainest shapes, upright, the gap's lower end; with it, each number its own hand."""
+    `rng`, the first family's shapes, upright, the gap's lower end; with it, each number its own hand (of one
+    of `families`)."""
     strokes, x = [], 0.0
-    family = LETTERFORMS[0] if rng is None else LETTERFORMS[int(rng.integers(len(LETTERFORMS)))]
+    family = families[0] if rng is None else families[int(rng.integers(len(families)))]
     slant = 0.0 if rng is None else rng.uniform(-0.1, 0.3)  # x shifts by slant · (1 − y): tops lean right
     step = None if rng is None else rng.choice([0.25, 0.08, 0.03])  # fast, medium, slow
     for digit in number:

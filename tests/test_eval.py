@@ -110,7 +110,7 @@ def test_plots_are_pngs_of_sensible_size(reports, name):
         (["--weights", "missing.h5"], "does not exist"),
         (["--workdir", "tests"], "is not a training workdir"),
         ([], "one of the arguments --workdir --weights is required"),
-        (["--weights", "m.h5", "--data", "t.npz", "--distortions", "all"], "a --data file is evaluated as it is"),
+        (["--weights", "m.h5", "--data", "t.npz", "--distortions", "all"], "--data is evaluated as it is"),
         (["--weights", "m.h5", "--distortions", "ink"], "--distortions: unknown distortion 'ink'"),
     ],
 )

@@ -1,0 +1,163 @@
+"""A user's own numbers: the labelled folder and its refusals, mixing into training batches, fine-tuning
+end to end (train.py --data --init-from, eval.py --data)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import only_line, run, weights
+from PIL import Image
+from writer import write_folder
+
+from pipeline import folders
+from pipeline.sequences import BLANK, Numbers, SequenceConfig, numpy_stacks, train_batches
+
+
+def test_a_folder_reads_every_number_framed_with_its_digits(tmp_path):
+    rows = write_folder(tmp_path, 6, seed=1)
+    (tmp_path / "labels.csv").write_text("file,digits\n" + "".join(f"{f},{d}\n\n" for f, d in rows))  # blank lines
+    folder = folders.read_folder(tmp_path)
+    assert folder.files == tuple(f for f, _ in rows) and folder.digits == tuple(d for _, d in rows)
+    assert folder.canvases.shape == (6, 28, 140) and folder.canvases.dtype == np.uint8
+    ink_rows = np.flatnonzero((folder.canvases[0] > 64).any(axis=1))
+    assert 18 <= len(ink_rows) <= 22  # framed: the ink about 20 px high, white on black
+    labels = folder.labels(5)
+    assert "".join(str(d) for d in labels[0] if d != BLANK) == rows[0][1]
+    # The digest is of the contents: the same again, another for one changed byte.
+    assert folders.read_folder(tmp_path).digest == folder.digest
+    image = tmp_path / rows[0][0]
+    pixels = np.asarray(Image.open(image)).copy()
+    pixels[0, 0] ^= 1
+    Image.fromarray(pixels).save(image)
+    assert folders.read_folder(tmp_path).digest != folder.digest
+
+
+def test_every_bad_row_is_refused_together_by_line(tmp_path):
+    write_folder(tmp_path, 3, seed=2)
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "sub").mkdir()
+    lines = [
+        "file,digits", "number_0000.png,12", "missing.png,3", "notes.png,4", "number_0001.png,12a",
+        "number_0002.png,123456", "number_0000.png,12", "../outside.png,1", "sub,5", "number_0002.png,",
+    ]  # fmt: skip
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(folders.FolderError) as refused:
+        folders.read_folder(tmp_path)
+    message = str(refused.value)
+    assert "\n" not in message and "has 8 bad rows" in message and "(and 3 more)" in message, message
+    assert "line 3: missing.png does not exist" in message
+    assert "line 4: notes.png is not an image" in message
+    assert "line 5: the digits '12a' are not 1 to 5 characters 0-9" in message
+    assert "line 6: the digits '123456'" in message
+    assert "line 7: number_0000.png is listed again (first on line 2)" in message
+
+
+@pytest.mark.parametrize(
+    "make, said",
+    [
+        (lambda d: None, "has no labels.csv"),
+        (lambda d: (d / "labels.csv").write_text("name,number\na.png,1\n"), "must begin with the header line"),
+        (lambda d: (d / "labels.csv").write_text("file,digits\n\n"), "lists no images"),
+        (lambda d: (d / "labels.csv").write_bytes(b"file,digits\n\xff\xfe.png,1\n"), "is not UTF-8"),
+    ],
+)  # fmt: skip
+def test_a_folder_without_usable_labels_is_refused_in_one_sentence(tmp_path, make, said):
+    make(tmp_path)
+    with pytest.raises(folders.FolderError, match=said):
+        folders.read_folder(tmp_path)
+
+
+def test_a_bad_folder_stops_train_and_eval_before_anything_is_written(tmp_path, trained_workdir):
+    write_folder(tmp_path / "mine", 4, seed=3, max_digits=2)
+    with open(tmp_path / "mine" / "labels.csv", "a") as labels:
+        labels.write("gone.png,7\n")
+    workdir = tmp_path / "run"
+    result = run("train.py", "--data", str(tmp_path / "mine"), "--init-from", str(trained_workdir / "model.h5"),
+                 "--workdir", str(workdir))  # fmt: skip
+    assert result.returncode == 2
+    assert only_line(result.stderr) == (
+        f"train.py: error: {tmp_path / 'mine' / 'labels.csv'} has 1 bad row: line 6: gone.png does not exist; "
+        "fix or remove them (nothing was read)"
+    )
+    assert not workdir.exists()
+    result = run("eval.py", "--weights", str(trained_workdir / "model.h5"), "--data", str(tmp_path / "mine"))
+    assert result.returncode == 2 and "line 6: gone.png does not exist" in only_line(result.stderr)
+    result = run("eval.py", "--weights", str(trained_workdir / "model.h5"), "--data", str(tmp_path / "nowhere"))
+    assert result.returncode == 2 and "nowhere does not exist; give a labelled folder" in only_line(result.stderr)
+
+
+def test_numbers_take_their_share_of_every_batch_deterministically(pools):
+    config = SequenceConfig(2, layout="free")
+    white = np.full((1, 3, 28, 56), 255, np.uint8)
+    labels = np.array([[1, 2], [3, BLANK], [4, 5]], np.int32)
+    numbers = Numbers(white, labels, share=0.25)
+
+    def stacks(start_step: int) -> dict:
+        data = train_batches(pools["train"], config, batch_size=64, seed=5, start_step=start_step, numbers=numbers)
+        return next(numpy_stacks(data))
+
+    first = stacks(0)
+    taken = (first["image"] == 255).all(axis=(2, 3, 4))  # [steps, batch]
+    assert 0.2 < taken.mean() < 0.3
+    assert all(tuple(row) in {(1, 2), (3, BLANK), (4, 5)} for row in first["labels"][taken])
+    again = stacks(3)  # a stream started at step 3 sees what an uninterrupted one sees there
+    np.testing.assert_array_equal(again["image"][0], first["image"][3])
+    np.testing.assert_array_equal(again["labels"][0], first["labels"][3])
+
+
+def test_spliced_numbers_put_several_numbers_side_by_side(tmp_path):
+    write_folder(tmp_path, 8, seed=4, max_digits=2)
+    folder = folders.read_folder(tmp_path, max_digits=4)
+    labels = folder.labels(4)
+    made, made_labels = folders.spliced(folder.canvases, labels, seed=0)
+    assert len(made) == folders.SPLICES * 8 and made.shape[1:] == (28, 112)
+    numbers = {"".join(str(d) for d in row if d != BLANK) for row in labels}
+
+    def joined(text: str, pieces: int) -> bool:  # `text` is at least `pieces` of the numbers, one after another
+        return (pieces <= 1 and text in numbers) or any(
+            text.startswith(n) and joined(text[len(n) :], pieces - 1) for n in numbers if len(n) < len(text)
+        )
+
+    for row in made_labels:
+        text = "".join(str(d) for d in row if d != BLANK)
+        assert len(text) <= 4 and all(d == BLANK for d in row[len(text) :]) and joined(text, 2), text
+    assert made.max() > 200 and (made > 64).any(axis=2).sum(axis=1).min() >= 16  # framed ink, about 20 px high
+
+
+@pytest.mark.slow
+def test_fine_tuning_on_a_folder_end_to_end(tmp_path, trained_workdir):
+    mine = tmp_path / "mine"
+    write_folder(mine, 12, seed=5, max_digits=2)
+    start = trained_workdir / "model.h5"
+    workdir = tmp_path / "tuned"
+    tune = ["train.py", "--data", str(mine), "--init-from", str(start), "--workdir", str(workdir),
+            "--epochs", "1", "--train-examples", "320", "--batch-size", "32"]  # fmt: skip
+    result = run(*tune)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((workdir / "config.json").read_text())
+    started = json.loads((trained_workdir / "config.json").read_text())
+    assert config["data"] == [str(mine)] and config["data_share"] == folders.SHARE and config["val_data"] == []
+    assert config["val_examples"] == 2  # a fifth of the 12 numbers held out
+    assert config["init_from"].startswith(str(start)) and len(config["init_digest"]) == 64
+    assert config["layers"] == started["layers"] and config["learning_rate"] == 1e-3
+    before, after = weights(start), weights(workdir / "model.h5")
+    assert before.keys() == after.keys() and any(not np.array_equal(before[k], after[k]) for k in before)
+    figures = tmp_path / "figures.json"
+    result = run("eval.py", "--workdir", str(workdir), "--data", str(mine), "--json", str(figures))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(figures.read_text())["num_examples"] == 12
+    # The same command again: nothing to do. The folder changed: refused, the run untouched.
+    result = run(*tune)
+    assert result.returncode == 0 and "already trained" in result.stdout
+    shutil.copy(mine / "number_0000.png", mine / "copy.png")
+    with open(mine / "labels.csv", "a") as labels:
+        labels.write("copy.png,7\n")
+    saved = (workdir / "model.h5").read_bytes()
+    result = run(*tune)
+    assert result.returncode == 2 and "data_digest=" in only_line(result.stderr)
+    assert (workdir / "model.h5").read_bytes() == saved
+    result = run("train.py", "--data", str(mine), "--init-from", str(start), "--preset", "seed")
+    assert result.returncode == 2 and "--preset cannot be given with --init-from" in only_line(result.stderr)
