@@ -17,10 +17,14 @@ import startup  # noqa: F401  (first: a quiet Ctrl-C while the libraries load; T
 # isort: split
 import argparse
 import base64
+import csv
 import io
 import ipaddress
 import json
+import os
 import queue
+import re
+import subprocess
 import sys
 import threading
 import time
@@ -29,6 +33,7 @@ from http import HTTPStatus
 from http.client import HTTPConnection
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 from PIL import Image
@@ -36,7 +41,9 @@ from PIL import Image
 from digitseq import ImageFileError, Reader, Reading
 from model import networks as nets
 from model.artifacts import cpu_name
-from pipeline import flags
+from model.recipes import FINE_TUNING
+from model.workdir import atomic_write
+from pipeline import flags, folders
 
 PROG = "demo.py"
 DEFAULT_MODEL = Path("runs/default")  # what `python train.py` writes
@@ -116,7 +123,118 @@ class Refused(Exception):
         self.status = status
 
 
-def make_handler(reader: Reader, batcher: Batcher, page: bytes, model: dict) -> type[BaseHTTPRequestHandler]:
+def describe(reader: Reader) -> dict:
+    """GET /api/model: the model the page reads with."""
+    model = reader.model
+    return {
+        "model": model.description,
+        "positions": model.network.positions,
+        "image_size": list(model.image_size),
+        "reads": model.reads,
+        "where": any(isinstance(layer, nets.Attend) for layer in model.network.layers),
+        "max_body": MAX_BODY,
+    }
+
+
+class Learner:
+    """The page's corrections and "learn my hand". A correction is the picture that was read and its right
+    digits, kept in a labelled folder (`pipeline.folders`' format: PNGs and labels.csv). Learning runs
+    train.py — fine-tuning the model the server started with on every correction — as a process of its
+    own beside the server; once it is done the server reads with the adapted model (its batch shapes compiled
+    first), and can go back to the one before."""
+
+    def __init__(self, batcher: Batcher, start: Path, folder: Path, epochs: int | None = None, data: list[str] = ()):
+        self.batcher, self.start, self.folder, self.epochs = batcher, start, folder, epochs
+        self.data = list(data)  # train.py's MNIST flags (--mnist-dir, --data-dir)
+        self.workdir = folder.parent / "learned"
+        self.lock = threading.Lock()
+        self.state, self.progress, self.message = "idle", 0.0, ""
+        self.before: Reader | None = None
+
+    def rows(self) -> list[list[str]]:
+        labels = self.folder / folders.LABELS
+        if not labels.is_file():
+            return []
+        return [row for row in list(csv.reader(labels.read_text().splitlines()))[1:] if row]
+
+    def correct(self, image: bytes, digits: str) -> int:
+        """Keeps `image` (a file's bytes: what was read) with its right `digits`; returns how many are kept."""
+        positions = self.batcher.reader.model.network.positions
+        if not (digits.isascii() and digits.isdigit() and 1 <= len(digits) <= positions):
+            raise Refused(HTTPStatus.UNPROCESSABLE_ENTITY, f"the right digits must be 1 to {positions} digits 0-9, "
+                          f"not {digits!r}")  # fmt: skip
+        try:
+            self.batcher.reader.prepare(image)
+        except ImageFileError as error:
+            raise Refused(HTTPStatus.UNPROCESSABLE_ENTITY, str(error)) from None
+        with self.lock:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            rows = self.rows()
+            name = f"correction_{len(rows) + 1:04d}.png"
+            atomic_write(self.folder / name, image)  # the picture first: a row never names a missing file
+            lines = [["file", "digits"], *rows, [name, digits]]
+            atomic_write(self.folder / folders.LABELS, "".join(",".join(row) + "\n" for row in lines))
+            return len(rows) + 1
+
+    def learn(self) -> None:
+        with self.lock:
+            if self.state == "learning":
+                raise Refused(HTTPStatus.CONFLICT, "already learning; wait for it to finish")
+            if len(self.rows()) < 2:
+                raise Refused(HTTPStatus.UNPROCESSABLE_ENTITY, "correct at least 2 readings first (one is held out "
+                              "to check what was learned)")  # fmt: skip
+            command = [sys.executable, str(Path(__file__).with_name("train.py")), "--data", str(self.folder),
+                       "--init-from", str(self.start), "--workdir", str(self.workdir), "--no-resume"]  # fmt: skip
+            command += self.data + (["--epochs", str(self.epochs)] if self.epochs else [])
+            quiet = os.environ | {"PYTHONUNBUFFERED": "1"}
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                       stdin=subprocess.DEVNULL, env=quiet)  # fmt: skip
+            self.state, self.progress, self.message = "learning", 0.0, "starting train.py"
+        threading.Thread(target=self._follow, args=(process,), daemon=True).start()
+
+    def _follow(self, process: subprocess.Popen) -> None:
+        """train.py's lines → progress; its end → the adapted model (or why not)."""
+        epochs, epoch, last = self.epochs or FINE_TUNING["epochs"], 0, ""
+        for line in process.stdout:
+            line = line.strip()
+            last = line or last
+            if found := re.match(r"Epoch (\d+)/(\d+)", line):
+                epoch, epochs = int(found[1]), int(found[2])
+            elif found := re.match(r"(\d+)/(\d+) - ", line):
+                self.progress = (epoch - 1 + int(found[1]) / int(found[2])) / epochs
+                self.message = f"epoch {epoch} of {epochs}"
+        if process.wait() != 0:
+            self.state, self.message = "failed", last.removeprefix("train.py: error: ")
+            return
+        self.message = "loading the adapted model"
+        try:
+            reader = Reader.load(self.workdir / "model.h5")
+            compile_shapes(reader, self.batcher.max_batch)
+        except (OSError, ValueError) as error:
+            self.state, self.message = "failed", str(error)
+            return
+        with self.lock:
+            self.before, self.batcher.reader = self.batcher.reader, reader
+            self.state, self.progress, self.message = "learned", 1.0, ""
+
+    def back(self) -> None:
+        """Reads with the model before (state "before"), or again with the one after ("learned")."""
+        with self.lock:
+            if self.before is None:
+                raise Refused(HTTPStatus.CONFLICT, "there is no model before this one to go back to")
+            self.batcher.reader, self.before = self.before, self.batcher.reader
+            self.state = "before" if self.state == "learned" else "learned"
+
+    def status(self) -> dict:
+        return {
+            "corrections": len(self.rows()), "folder": str(self.folder), "state": self.state,
+            "progress": round(self.progress, 3), "message": self.message,
+            "model": self.batcher.reader.model.description,
+            "before": None if self.before is None else self.before.model.description,
+        }  # fmt: skip
+
+
+def make_handler(batcher: Batcher, page: bytes, learner: Learner | None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: a client's requests share one connection
         server_version = "digitseq-demo"
@@ -126,18 +244,23 @@ def make_handler(reader: Reader, batcher: Batcher, page: bytes, model: dict) -> 
             if self.path in ("/", "/index.html"):
                 self._send(HTTPStatus.OK, page, "text/html; charset=utf-8")
             elif self.path == "/api/model":
-                self._json(HTTPStatus.OK, model)
+                self._json(HTTPStatus.OK, describe(batcher.reader))
+            elif self.path == "/api/learn":
+                self._json(HTTPStatus.OK, self._learner().status())
             else:
                 self._error(Refused(HTTPStatus.NOT_FOUND, f"no such page: {self.path}; the page is /"))
 
         def do_POST(self) -> None:  # noqa: N802
             try:
+                url = urlsplit(self.path)
+                if url.path in ("/api/correct", "/api/learn", "/api/back"):
+                    return self._learning(url.path, parse_qs(url.query))
                 if self.path != "/api/read":
                     raise Refused(HTTPStatus.NOT_FOUND, f"no such call: POST {self.path}; images go to /api/read")
                 started = time.perf_counter()
                 body = self._body()
                 try:
-                    prepared = reader.prepare(body)
+                    prepared = batcher.reader.prepare(body)
                 except ImageFileError as error:
                     raise Refused(HTTPStatus.UNPROCESSABLE_ENTITY, str(error)) from None
                 if not prepared.any():
@@ -150,6 +273,22 @@ def make_handler(reader: Reader, batcher: Batcher, page: bytes, model: dict) -> 
             except Exception as error:  # a bug must not take the server down: the request gets it
                 print(f"{PROG}: error reading a request: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
                 self._error(Refused(HTTPStatus.INTERNAL_SERVER_ERROR, f"the server failed to read it ({error})"))
+
+        def _learner(self) -> Learner:
+            if learner is None:
+                raise Refused(HTTPStatus.NOT_FOUND, "this server keeps no corrections (started without a folder)")
+            return learner
+
+        def _learning(self, path: str, query: dict) -> None:
+            """POST /api/correct?digits=D (the picture's bytes), /api/learn, /api/back: the learner's status."""
+            learner = self._learner()
+            if path == "/api/correct":
+                learner.correct(self._body(), query.get("digits", [""])[0].strip())
+            elif path == "/api/learn":
+                learner.learn()
+            else:
+                learner.back()
+            self._json(HTTPStatus.OK, learner.status())
 
         def do_PUT(self) -> None:  # noqa: N802
             self._error(Refused(HTTPStatus.METHOD_NOT_ALLOWED, "only GET (the page) and POST /api/read are served"))
@@ -205,30 +344,31 @@ class Server(ThreadingHTTPServer):
             print(f"{PROG}: error serving {client_address[0]}: {type(error).__name__}: {error}", file=sys.stderr)
 
 
-def serve(reader: Reader, host: str = "127.0.0.1", port: int = 8000, max_batch: int = MAX_BATCH) -> Server:
-    """The page's server, bound but not yet serving (call serve_forever); its batcher as `.batcher`."""
-    model = reader.model
-    description = {
-        "model": model.description,
-        "positions": model.network.positions,
-        "image_size": list(model.image_size),
-        "reads": model.reads,
-        "where": any(isinstance(layer, nets.Attend) for layer in model.network.layers),
-        "max_body": MAX_BODY,
-    }
+def serve(
+    reader: Reader, host: str = "127.0.0.1", port: int = 8000, max_batch: int = MAX_BATCH,
+    learning: tuple | None = None,
+) -> Server:  # fmt: skip
+    """The page's server, bound but not yet serving (call serve_forever); its batcher as `.batcher`. With
+    `learning` (Learner's arguments after the batcher: the model's path, the corrections folder, the epochs of
+    learning, train.py's MNIST flags), the page keeps corrections and learns from them (`.learner`)."""
     batcher = Batcher(reader, max_batch)
+    learner = None if learning is None else Learner(batcher, *learning)
     try:
-        server = Server((host, port), make_handler(reader, batcher, PAGE.read_bytes(), description))
+        server = Server((host, port), make_handler(batcher, PAGE.read_bytes(), learner))
     except OSError as error:
         if error.errno == 98:  # EADDRINUSE
             raise ValueError(f"port {port} on {host} is in use (another demo.py?); pick another with --port") from None
         raise ValueError(f"cannot serve on {host} port {port}: {error.strerror or error}") from None
-    server.batcher = batcher
-    # Compiled now, not while requests wait: every batch shape the batcher can meet (powers of two).
-    blank = np.zeros(model.image_size, np.uint8)
+    server.batcher, server.learner = batcher, learner
+    compile_shapes(reader, max_batch)
+    return server
+
+
+def compile_shapes(reader: Reader, max_batch: int) -> None:
+    """Compiled now, not while requests wait: every batch shape the batcher can meet (powers of two)."""
+    blank = np.zeros(reader.model.image_size, np.uint8)
     for size in (1 << i for i in range((max_batch - 1).bit_length() + 1)):
         reader.read_prepared([blank] * size)
-    return server
 
 
 def address(server: Server) -> str:
@@ -346,6 +486,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the address to serve on (default: 127.0.0.1, this machine only; 0.0.0.0: every machine that can "
         "reach this one — the page has no login)",
     )  # fmt: skip
+    parser.add_argument(
+        "--corrections", type=Path, metavar="DIR",
+        help="where the page keeps the readings corrected on it, a labelled folder (docs/own-numbers.md) that "
+        "\"learn my hand\" fine-tunes the model on (default: corrections/ beside the model; the adapted model "
+        "trains in learned/ beside it)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--learn-epochs", type=flags.positive_int, metavar="N",
+        help=f"epochs of 100 steps that \"learn my hand\" trains (default: {FINE_TUNING['epochs']}, train.py's "
+        "fine-tuning recipe)",
+    )  # fmt: skip
     group = parser.add_argument_group("--benchmark")
     group.add_argument("--benchmark", action="store_true", help="serve, send it numbers of MNIST test digits from "
                        "several clients at once, print latency and throughput (JSON last line), stop")  # fmt: skip
@@ -365,12 +516,16 @@ def main(argv: list[str] | None = None) -> int | None:
     reader = Reader.load(args.model)
     if args.benchmark:
         return benchmark(reader, args)
-    server = serve(reader, args.host, args.port)
+    beside = args.model if args.model.is_dir() else args.model.parent
+    corrections = args.corrections or beside / "corrections"
+    data = [f"--{name.replace('_', '-')}={value}" for name in ("mnist_dir", "data_dir")
+            if (value := getattr(args, name))]  # fmt: skip
+    server = serve(reader, args.host, args.port, learning=(args.model, corrections, args.learn_epochs, data))
     try:
         local = ipaddress.ip_address(server.server_address[0]).is_loopback
     except ValueError:
         local = False
-    print(f"{PROG}: reading with {reader.model.description}", flush=True)
+    print(f"{PROG}: reading with {reader.model.description}; corrections kept in {corrections}", flush=True)
     print(f"{PROG}: open {address(server)} (Ctrl-C stops it)", flush=True)
     if not local:
         print(f"{PROG}: note: serving every machine that can reach {args.host}; the page has no login", flush=True)

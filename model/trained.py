@@ -121,7 +121,8 @@ def from_weights(path: Path) -> Trained:
             smoothing = float(run.read_config().get("label_smoothing", 0.0)) if run else 0.0
         except (OSError, TypeError, ValueError):  # a damaged config.json does not stop the model being read
             smoothing = 0.0
-    description = f"{path} ({model.preset}, {model.layout} layout)"
+    step = keras_h5.recorded_step(path)
+    description = f"{path}{'' if step is None else f' step {step}'} ({model.preset}, {model.layout} layout)"
     return Trained(
         model.network, model.image_size, model.variables, description, run, model.layout, smoothing, model.preset
     )

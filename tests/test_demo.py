@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import zlib
 from http.client import HTTPConnection
 from pathlib import Path
@@ -382,3 +383,45 @@ def test_a_screenshot_of_the_page_shows_the_reading(page, tmp_path):
     shot = np.asarray(Image.open(path).convert("RGB"))
     assert shot.shape[0] >= 600 and shot.shape[1] >= 1200
     assert (np.abs(np.diff(shot.astype(int), axis=-1)).sum(-1) > 60).sum() > 500  # the colours of the overlay
+
+
+def test_the_page_keeps_corrections_learns_a_hand_and_goes_back(browser, reader, trained_workdir, tmp_path):
+    """Two readings corrected on the page, "learn my hand" (train.py fine-tuning, a process of its own, one
+    epoch), the page then reads with the adapted model while the server kept answering, and goes back."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    corrections = tmp_path / "corrections"
+    server = demo.serve(reader, "127.0.0.1", 0, learning=(trained_workdir / "model.h5", corrections, 1, []))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        browser.get(demo.address(server))
+        body = browser.find_element(By.TAG_NAME, "body")
+        for kept, number in enumerate(["42", "7"], 1):
+            clear(browser)
+            answer(browser, strokes=write(browser, number))
+            browser.find_element(By.ID, "right").send_keys(number)
+            browser.find_element(By.ID, "correct").click()
+            WebDriverWait(browser, 30).until(lambda _, kept=kept: body.get_attribute("data-corrections") == str(kept))
+        rows = (corrections / "labels.csv").read_text().splitlines()
+        assert rows == ["file,digits", "correction_0001.png,42", "correction_0002.png,7"]
+        assert all(Image.open(corrections / f"correction_000{k}.png").size[0] > 100 for k in (1, 2))
+        browser.find_element(By.ID, "learn-button").click()
+        answered = 0
+        while body.get_attribute("data-learn") in ("idle", "learning"):  # a second client is answered meanwhile
+            response, _ = request(server, "POST", "/api/read", (corrections / "correction_0001.png").read_bytes())
+            answered += response.status == 200
+            time.sleep(0.5)
+        assert body.get_attribute("data-learn") == "learned", browser.find_element(By.ID, "learning-text").text
+        assert answered > 0
+        footer = browser.find_element(By.ID, "model")
+        WebDriverWait(browser, 30).until(lambda _: "learned/model.h5 step 100" in footer.text)
+        assert json.loads((tmp_path / "learned" / "config.json").read_text())["data"] == [str(corrections)]
+        clear(browser)
+        assert answer(browser, strokes=write(browser, "7"))["number"] == "7"  # read by the adapted model
+        browser.find_element(By.ID, "back").click()
+        WebDriverWait(browser, 30).until(lambda _: "learned" not in footer.text)
+        assert reader.model.description in footer.text and body.get_attribute("data-learn") == "before"
+    finally:
+        server.shutdown()
+        server.server_close()
