@@ -161,3 +161,30 @@ def test_fine_tuning_on_a_folder_end_to_end(tmp_path, trained_workdir):
     assert (workdir / "model.h5").read_bytes() == saved
     result = run("train.py", "--data", str(mine), "--init-from", str(start), "--preset", "seed")
     assert result.returncode == 2 and "--preset cannot be given with --init-from" in only_line(result.stderr)
+
+
+def test_a_fifth_is_held_out_by_name_the_same_in_every_order(tmp_path):
+    write_folder(tmp_path, 10, seed=6, max_digits=2)
+    folder = folders.read_folder(tmp_path)
+    kept, held = folders.split([folder])
+    assert len(held) == 2 and sorted([*kept, *held]) == list(range(10))
+    rows = (tmp_path / "labels.csv").read_text().splitlines()
+    (tmp_path / "labels.csv").write_text("\n".join([rows[0], *reversed(rows[1:])]) + "\n")
+    reordered = folders.read_folder(tmp_path)
+    assert {reordered.files[i] for i in folders.split([reordered])[1]} == {folder.files[i] for i in held}
+    (tmp_path / "labels.csv").write_text("\n".join(rows[:2]) + "\n")
+    with pytest.raises(folders.FolderError, match="one number cannot be both trained on and held out"):
+        folders.split([folders.read_folder(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--val-data", "x"], "--val-data chooses the checkpoint of a run on --data folders; give --data DIR too"),
+        (["--data-share", "0.3"], "--data-share is the share of the --data folders' numbers; give --data DIR too"),
+        (["--data", "x", "--data-share", "1.5"], "must be a fraction above 0 and at most 1"),
+    ],
+)
+def test_own_number_flags_without_their_folder_are_one_line(flags, said):
+    result = run("train.py", *flags)
+    assert result.returncode == 2 and said in only_line(result.stderr)
