@@ -425,3 +425,28 @@ def test_the_page_keeps_corrections_learns_a_hand_and_goes_back(browser, reader,
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_learning_that_fails_says_why_and_the_server_reads_on(reader, trained_workdir, tmp_path):
+    corrections = tmp_path / "corrections"
+    corrections.mkdir()
+    (corrections / "labels.csv").write_text("file,digits\ngone.png,1\nalso_gone.png,2\n")  # (edited by hand)
+    server = demo.serve(reader, "127.0.0.1", 0, learning=(trained_workdir / "model.h5", corrections, 1, []))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        response, _ = request(server, "POST", "/api/learn")
+        assert response.status == 200
+        for _ in range(240):
+            status = json.loads(request(server, "GET", "/api/learn")[1])
+            if status["state"] != "learning":
+                break
+            time.sleep(0.5)
+        assert status["state"] == "failed"
+        assert status["message"].endswith("has 2 bad rows: line 2: gone.png does not exist; line 3: also_gone.png does "
+                                          "not exist; fix or remove them (nothing was read)"), status  # fmt: skip
+        assert status["model"] == reader.model.description
+        picture = png(np.pad(np.full((20, 4), 255, np.uint8), ((4, 4), (20, 32))))  # a "1"
+        assert request(server, "POST", "/api/read", picture)[0].status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
