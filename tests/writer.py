@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from page import _ellipse, layout  # noqa: E402
+from page import LETTERFORMS, _ellipse, layout  # noqa: E402
 
 HAND = {
     "0": [_ellipse(0.5, 0.5, 0.3, 0.5), [(0.9, 0.05), (0.1, 0.95)]],
@@ -37,22 +38,34 @@ HAND = {
     "8": [[(0.15, 0.0), (0.85, 0.0), (0.15, 1.0), (0.85, 1.0), (0.15, 0.0)]],
     "9": [_ellipse(0.5, 0.28, 0.38, 0.28, 0, -360, 16) + [(0.88, 0.28), (0.8, 1.0), (0.35, 0.85)]],
 }
-GAP = (-0.12, 0.08)  # of a digit's width, between neighbours: close, or touching
-CONDENSED = 0.75  # of page.layout's widths
-BACK_SLANT = 0.35  # tops this much of the height further left
-PEN = (0.07, 0.11)  # the stroke, of the digit's height
+
+@dataclasses.dataclass(frozen=True)
+class Hand:
+    letterforms: tuple[dict, ...]
+    gap: tuple[float, float]  # of a digit's width, between neighbours
+    condensed: float  # of page.layout's widths
+    back_slant: float  # tops this much of the height further left
+    pen: tuple[float, float]  # the stroke, of the digit's height
+
+
+HANDS = {
+    # narrow, leaning back, close or touching, with a fine pen: the hand the figures were made with
+    "narrow": Hand((HAND,), gap=(-0.12, 0.08), condensed=0.75, back_slant=0.35, pen=(0.07, 0.11)),
+    # page.py's second family of letterforms, upright and wide, overlapping, with a felt-tip marker
+    "marker": Hand((LETTERFORMS[1],), gap=(-0.3, -0.05), condensed=1.1, back_slant=0.0, pen=(0.15, 0.2)),
+}
 _SUPERSAMPLE = 4  # drawn this much larger, then reduced: smooth edges
 
 
-def number_image(number: str, rng: np.random.Generator) -> np.ndarray:
+def number_image(number: str, rng: np.random.Generator, hand: Hand = HANDS["narrow"]) -> np.ndarray:
     """`number` in the hand: uint8 [h, w], dark ink on white."""
-    # Narrow letters leaning back: x condensed, and shifted against the lean page.layout gives
-    strokes = layout(number, rng, GAP, (HAND,))
-    strokes = [[(CONDENSED * x - BACK_SLANT * (1 - y), y) for x, y in stroke] for stroke in strokes]
+    # The letters condensed (or widened), and shifted against the lean page.layout gives
+    strokes = layout(number, rng, hand.gap, hand.letterforms)
+    strokes = [[(hand.condensed * x - hand.back_slant * (1 - y), y) for x, y in stroke] for stroke in strokes]
     left = min(x for stroke in strokes for x, _ in stroke)
     strokes = [[(x - left, y) for x, y in stroke] for stroke in strokes]
     height = float(rng.uniform(40, 90))  # pixels, a digit's height
-    pen = height * rng.uniform(*PEN)
+    pen = height * rng.uniform(*hand.pen)
     margin = pen + rng.uniform(4, 16)
     extent = max(x for stroke in strokes for x, _ in stroke)
     scale = _SUPERSAMPLE
@@ -70,15 +83,18 @@ def number_image(number: str, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(reduced)
 
 
-def write_folder(folder: Path, count: int, seed: int = 0, max_digits: int = 5) -> list[tuple[str, str]]:
-    """`count` numbers of 1..max_digits digits in the hand, as PNGs and labels.csv in `folder`: (file, digits)."""
+def write_folder(
+    folder: Path, count: int, seed: int = 0, max_digits: int = 5, hand: str = "narrow"
+) -> list[tuple[str, str]]:
+    """`count` numbers of 1..max_digits digits in `hand` (of HANDS), as PNGs and labels.csv in `folder`:
+    (file, digits)."""
     rng = np.random.default_rng([seed, 36])
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for n in range(count):
         number = "".join(str(d) for d in rng.integers(0, 10, size=int(rng.integers(1, max_digits + 1))))
         name = f"number_{n:04d}.png"
-        Image.fromarray(number_image(number, rng)).save(folder / name)
+        Image.fromarray(number_image(number, rng, HANDS[hand])).save(folder / name)
         rows.append((name, number))
     with open(folder / "labels.csv", "w", newline="") as file:
         writer = csv.writer(file)
@@ -93,8 +109,9 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=50, help="numbers (default: 50)")
     parser.add_argument("--seed", type=int, default=0, help="fixes the numbers (default: 0)")
     parser.add_argument("--max-digits", type=int, default=5, help="longest number (default: 5)")
+    parser.add_argument("--hand", choices=list(HANDS), default="narrow", help="whose hand (default: narrow)")
     args = parser.parse_args()
-    rows = write_folder(args.folder, args.count, args.seed, args.max_digits)
+    rows = write_folder(args.folder, args.count, args.seed, args.max_digits, args.hand)
     print(f"wrote {len(rows)} numbers and labels.csv in {args.folder}")
 
 
