@@ -100,9 +100,13 @@ def read_folder(path: Path, max_digits: int = 5, layout: str = "free") -> Folder
         except images.ImageFileError as error:
             problems.append(f"line {line}: {error}")
             continue
+        canvas = images.native(gray, max_digits, layout)
+        if not canvas.any():
+            problems.append(f"line {line}: {name} has no ink on it to read")
+            continue
         files.append(name)
         digits.append(number)
-        canvases.append(images.native(gray, max_digits, layout))
+        canvases.append(canvas)
         digest.update(f"{name}\0{number}\0{len(data)}\0".encode())
         digest.update(data)
     if problems:

@@ -41,18 +41,22 @@ def test_every_bad_row_is_refused_together_by_line(tmp_path):
     (tmp_path / "sub").mkdir()
     lines = [
         "file,digits", "number_0000.png,12", "missing.png,3", "notes.png,4", "number_0001.png,12a",
-        "number_0002.png,123456", "number_0000.png,12", "../outside.png,1", "sub,5", "number_0002.png,",
+        "number_0002.png,123456", "number_0000.png,12", "../outside.png,1", "sub,5", "number_0002.png,", "blank.png,3",
     ]  # fmt: skip
+    Image.new("L", (60, 30), 255).save(tmp_path / "blank.png")
     (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(folders.FolderError) as refused:
         folders.read_folder(tmp_path)
     message = str(refused.value)
-    assert "\n" not in message and "has 8 bad rows" in message and "(and 3 more)" in message, message
+    assert "\n" not in message and "has 9 bad rows" in message and "(and 4 more)" in message, message
     assert "line 3: missing.png does not exist" in message
     assert "line 4: notes.png is not an image" in message
     assert "line 5: the digits '12a' are not 1 to 5 characters 0-9" in message
     assert "line 6: the digits '123456'" in message
     assert "line 7: number_0000.png is listed again (first on line 2)" in message
+    with pytest.raises(folders.FolderError, match="line 2: blank.png has no ink on it to read"):
+        (tmp_path / "labels.csv").write_text("file,digits\nblank.png,3\n")
+        folders.read_folder(tmp_path)
 
 
 @pytest.mark.parametrize(
