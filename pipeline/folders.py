@@ -47,8 +47,7 @@ class Folder:
     path: Path
     files: tuple[str, ...]  # as labels.csv names them
     digits: tuple[str, ...]
-    canvases: np.ndarray  # uint8 [N, 28, 28·K], white on black
-    layout: str  # "free" or "cells": how they were framed
+    canvases: np.ndarray  # uint8 [N, 28, 28·K], white on black, framed as a model of the layout asked for reads
     digest: str  # sha256 of the rows and every file's bytes
 
     def __len__(self) -> int:
@@ -115,7 +114,7 @@ def read_folder(path: Path, max_digits: int = 5, layout: str = "free") -> Folder
             f"{path / LABELS} has {_count(len(problems), 'bad row')}: " + "; ".join(problems[:_SHOWN]) + more
             + "; fix or remove them (nothing was read)"
         )  # fmt: skip
-    return Folder(path, tuple(files), tuple(digits), np.stack(canvases), layout, digest.hexdigest())
+    return Folder(path, tuple(files), tuple(digits), np.stack(canvases), digest.hexdigest())
 
 
 def _count(n: int, noun: str) -> str:
