@@ -246,7 +246,10 @@ def make_handler(batcher: Batcher, page: bytes, learner: Learner | None) -> type
             elif self.path == "/api/model":
                 self._json(HTTPStatus.OK, describe(batcher.reader))
             elif self.path == "/api/learn":
-                self._json(HTTPStatus.OK, self._learner().status())
+                try:
+                    self._json(HTTPStatus.OK, self._learner().status())
+                except Refused as refused:
+                    self._error(refused)
             else:
                 self._error(Refused(HTTPStatus.NOT_FOUND, f"no such page: {self.path}; the page is /"))
 

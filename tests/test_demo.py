@@ -203,6 +203,9 @@ def test_other_paths_and_methods_are_refused_in_a_sentence(server):
     assert response.status == 404 and "images go to /api/read" in json.loads(content)["error"]
     response, content = request(server, "DELETE", "/api/read")
     assert response.status == 405
+    for method in ("GET", "POST"):  # a server started without a corrections folder
+        response, content = request(server, method, "/api/learn")
+        assert response.status == 404 and "keeps no corrections" in json.loads(content)["error"]
 
 
 def test_the_page_loads_nothing_from_elsewhere(server):
