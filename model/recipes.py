@@ -61,7 +61,7 @@ class Recipe:
 
 
 # Every distortion the pipeline draws digits with (pipeline.distort.DISTORTIONS; names, as config.json holds them)
-DISTORTIONS = ("thickness", "pen", "blur", "contrast", "slant", "width", "rotation", "elastic", "noise")
+DISTORTIONS = ("thickness", "pen", "blur", "contrast", "slant", "rotation", "elastic", "noise")
 # What the default and accurate recipes draw their digits with: all but the pen, which measured no better
 # once the framing rule widened thin strokes (docs/results.md, "Any pen")
 TRAINED_DISTORTIONS = tuple(name for name in DISTORTIONS if name != "pen")

@@ -20,8 +20,6 @@ distorted version gets, in this order:
     contrast   ink that fades at its edges or saturates: levels up to 0.25 become black, levels
                from 0.65 up white
     slant      the hand: a shear of up to ±0.3 (about ±17°)
-    width      a hand that writes narrow or wide: the digit's width × 0.6–1.15 (its height kept), so
-               that, set at the free layout's gaps, narrow digits stand closer than MNIST's
     rotation   up to ±5° (and, per sequence, the free layout sets the digits on a baseline
                turned by up to ±5°: `pipeline.free.geometry`)
     elastic    a hand's wobble: every pixel moved smoothly, by up to ±1.5 px (a grid of random
@@ -51,7 +49,7 @@ import tensorflow as tf
 from pipeline import framing
 from pipeline.hashing import below, hash_words, uniform
 
-DISTORTIONS = ("thickness", "pen", "blur", "contrast", "slant", "width", "rotation", "elastic", "noise")
+DISTORTIONS = ("thickness", "pen", "blur", "contrast", "slant", "rotation", "elastic", "noise")
 PER_DIGIT = DISTORTIONS[:-1]  # drawn into the pool's versions of each digit; noise acts per sequence
 VARIANTS = 4  # versions of each digit: MNIST's own and three distorted ones
 THICKNESS = (-0.5, 2.0)  # erosion below 0, dilation above (1: a 3×3 cross; 2: a diamond of radius 2)
@@ -61,14 +59,13 @@ _THINNING_PASSES = 4  # Zhang–Suen passes: 97 % of MNIST's digits are thin by 
 BLUR = 2.0  # 0: none, 1: σ = 1 px (5 taps), 2: σ = √2 px (9 taps)
 CONTRAST = (0.25, 0.35)  # levels up to this much become black; from 1 less this much, white
 SLANT = 0.3
-WIDTH = (0.6, 1.15)  # of the digit's width; drawn evenly in its logarithm
 ROTATION = math.radians(5)
 ELASTIC = 1.5  # pixels
 ELASTIC_SPACING = 7  # pixels between the random displacements
 NOISE = 16.0  # grey levels
 
 _SALT = 11  # keeps these random numbers apart from the layout's (pipeline.sequences' salts are 1–10)
-_UNIFORMS = 10  # one each: thickness, blur, contrast (2), slant, rotation, noise, pen (2), width
+_UNIFORMS = 9  # one each: thickness, blur, contrast (2), slant, rotation, noise, pen (2)
 _NOISE_UNIFORM = 6  # (the pen's came later: the others keep their numbers)
 _NOISE_ROWS = 4096  # rows of a fixed noise texture; each image row takes one, at random
 _CHUNK = 2048  # digits distorted per XLA call
@@ -243,18 +240,14 @@ class Distorter:
         and a rotation about c, the centre of the digit's ink box."""
         zero = tf.zeros_like(u[:, 0])
         slant = SLANT * (2 * u[:, 4] - 1) if "slant" in self.distortions else zero
-        low, high = (math.log(w) for w in WIDTH)
-        width = tf.exp(low + (high - low) * u[:, 9]) if "width" in self.distortions else zero + 1
         angle = ROTATION * (2 * u[:, 5] - 1) if "rotation" in self.distortions else zero
         ink = x > framing.INK_LEVEL / 255
         top, bottom = _extent(tf.reduce_any(ink, axis=2))
         left, right = _extent(tf.reduce_any(ink, axis=1))
-        # Forward M = rotation · shear · diag(width, 1) = [[width·cos, cos·slant − sin], [width·sin, sin·slant + cos]],
-        # det M = width; A = M⁻¹.
+        # Forward M = rotation · shear = [[cos, cos·slant − sin], [sin, sin·slant + cos]], det M = 1.
         cos, sin = tf.cos(angle), tf.sin(angle)
-        m00, m01, m10, m11 = width * cos, cos * slant - sin, width * sin, sin * slant + cos
-        inverse = tf.stack([m11, -m01, -m10, m00], axis=1) / width[:, None]
-        return tf.concat([inverse, tf.stack([(left + right) / 2, (top + bottom) / 2], axis=1)], axis=1)
+        m00, m01, m10, m11 = cos, cos * slant - sin, sin, sin * slant + cos
+        return tf.stack([m11, -m01, -m10, m00, (left + right) / 2, (top + bottom) / 2], axis=1)
 
     @tf.function(jit_compile=True, autograph=False)
     def elastic(self, x: tf.Tensor, keys: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
