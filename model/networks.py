@@ -95,7 +95,6 @@ class Attend:
     summary: int = 16
     hidden: int = 256
     fit_window: bool = False
-    count: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +188,7 @@ DEFAULT = Preset(
         # reads 40 % of them, a global Dense layer 44 %, this 91 % (2 epochs, docs/results.md). No
         # dropout: every step's sequences are fresh, and without it the same epochs read more. Its
         # window fitted to the digit reads close and overlapping digits better (docs/results.md).
-        Attend("attend", fit_window=True, count=True),
+        Attend("attend", fit_window=True),
         Dense("dense", 128),
         Heads(),
     ),
@@ -403,16 +402,7 @@ class Network(nn.Module):
         summary = nn.relu(nn.Dense(layer.summary, kernel_init=_GLOROT, name=f"{layer.name}_summary")(columns))
         hidden = nn.Dense(layer.hidden, kernel_init=_GLOROT, name=f"{layer.name}_locator")(summary.reshape(batch, -1))
         scores = nn.Dense(self.positions * width, kernel_init=_GLOROT, name=f"{layer.name}_where")(nn.relu(hidden))
-        scores = scores.reshape(batch, self.positions, width)
-        if layer.count:
-            # Where the k-th digit is, counted: each column's chance that a digit starts there (from its
-            # neighbourhood), summed along the width; position k favours the columns where the count is k.
-            starts = nn.Conv(1, (5,), padding="SAME", name=f"{layer.name}_starts")(summary)[..., 0]
-            counted = jnp.cumsum(jax.nn.sigmoid(starts), axis=-1)  # [B, W]
-            sharpness = self.param(f"{layer.name}_sharpness", nn.initializers.constant(4.0), ())
-            target = jnp.arange(1, self.positions + 1, dtype=counted.dtype)
-            scores = scores - sharpness * (counted[:, None, :] - target[None, :, None]) ** 2
-        weights = jax.nn.softmax(scores, axis=-1)  # [B, K, W]
+        weights = jax.nn.softmax(scores.reshape(batch, self.positions, width), axis=-1)  # [B, K, W]
         self.sow("intermediates", "where", weights)  # where each position looks (`where_looked`)
         # Offset o of position k's window is column i weighted by the weight of the centre i - o + o₀
         # (o₀ = window // 2): the weights shifted once per offset, then one matrix product with the columns.
