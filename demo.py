@@ -241,17 +241,17 @@ def make_handler(batcher: Batcher, page: bytes, learner: Learner | None) -> type
         timeout = BODY_SECONDS  # a client that stops sending frees its thread
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            if self.path in ("/", "/index.html"):
-                self._send(HTTPStatus.OK, page, "text/html; charset=utf-8")
-            elif self.path == "/api/model":
-                self._json(HTTPStatus.OK, describe(batcher.reader))
-            elif self.path == "/api/learn":
-                try:
+            try:
+                if self.path in ("/", "/index.html"):
+                    self._send(HTTPStatus.OK, page, "text/html; charset=utf-8")
+                elif self.path == "/api/model":
+                    self._json(HTTPStatus.OK, describe(batcher.reader))
+                elif self.path == "/api/learn":
                     self._json(HTTPStatus.OK, self._learner().status())
-                except Refused as refused:
-                    self._error(refused)
-            else:
-                self._error(Refused(HTTPStatus.NOT_FOUND, f"no such page: {self.path}; the page is /"))
+                else:
+                    raise Refused(HTTPStatus.NOT_FOUND, f"no such page: {self.path}; the page is /")
+            except Refused as refused:
+                self._error(refused)
 
         def do_POST(self) -> None:  # noqa: N802
             try:

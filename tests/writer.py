@@ -1,14 +1,16 @@
-"""A writer nobody here trained on: numbers in one hand of its own, as a labelled folder.
+"""A writer nobody here trained on: numbers in a hand of its own, as a labelled folder.
 
-The hand is a set of letterforms unlike MNIST's (`HAND`): a narrow slashed 0, a 1 with a long flag and a
-foot, a 2 as a crossed Z, a flat-topped 3, an open 4, an angular 5, a 6 with a straight back, a 7 crossed,
-an 8 as an hourglass, a 9 with a hooked tail — written with a round pen
-(stroke 7–11 % of the digit's height), each number its own size and slant, each point a little off
-(`page.layout`), the digits close (0–0.25 of a digit's width apart), dark ink on white paper. The
-numbers have 1–5 digits. Used by tests/test_folders.py (a folder to fine-tune on) and, run alone, to
-make the folders of the "your own numbers" figures in docs/results.md:
+`--hand narrow` (the default; the figures were made with it): letterforms unlike MNIST's (`NARROW`) — a
+narrow slashed 0, a 1 with a long flag and a foot, a 2 as a crossed Z, a flat-topped 3, an open 4, an
+angular 5, a 6 with a straight back, a 7 crossed, an 8 as an hourglass, a 9 with a hooked tail — condensed
+and leaning back, written with a round pen (stroke 7–11 % of the digit's height), neighbours from 12 %
+overlapping to 8 % of a digit's width apart. `--hand marker` (the check, used for no choice): page.py's
+second letterforms, upright and wide, a felt-tip marker (15–20 %), neighbours overlapping by 5–30 %. Each
+number its own size and slant, each point a little off (`page.layout`), dark ink on white paper, 1–5
+digits. Used by tests/test_folders.py (a folder to fine-tune on) and, run alone, to make the folders of
+the "your own numbers" figures in docs/results.md:
 
-    python tests/writer.py DIR [--count 50] [--seed 0]
+    python tests/writer.py DIR [--count 50] [--seed 0] [--hand narrow|marker]
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from page import LETTERFORMS, _ellipse, layout  # noqa: E402
 
-HAND = {
+NARROW = {
     "0": [_ellipse(0.5, 0.5, 0.3, 0.5), [(0.9, 0.05), (0.1, 0.95)]],
     "1": [[(0.0, 0.45), (0.6, 0.0), (0.6, 1.0)], [(0.3, 1.0), (0.9, 1.0)]],
     "2": [[(0.05, 0.0), (0.95, 0.0), (0.05, 1.0), (0.95, 1.0)], [(0.25, 0.5), (0.75, 0.5)]],
@@ -50,7 +52,7 @@ class Hand:
 
 HANDS = {
     # narrow, leaning back, close or touching, with a fine pen: the hand the figures were made with
-    "narrow": Hand((HAND,), gap=(-0.12, 0.08), condensed=0.75, back_slant=0.35, pen=(0.07, 0.11)),
+    "narrow": Hand((NARROW,), gap=(-0.12, 0.08), condensed=0.75, back_slant=0.35, pen=(0.07, 0.11)),
     # page.py's second family of letterforms, upright and wide, overlapping, with a felt-tip marker
     "marker": Hand((LETTERFORMS[1],), gap=(-0.3, -0.05), condensed=1.1, back_slant=0.0, pen=(0.15, 0.2)),
 }
