@@ -17,11 +17,15 @@ the page meets it (the last line is JSON; needs Debian's chromium and chromium-d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
 import sys
+import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -164,8 +168,11 @@ def clear(page) -> None:
     page.find_element(By.ID, "clear").click()
 
 
-def chromium(width: int = 1280, height: int = 800):
-    """Headless Chromium through Selenium (Debian's chromium and chromium-driver)."""
+@contextlib.contextmanager
+def chromium(width: int = 1280, height: int = 800) -> Iterator:
+    """Headless Chromium through Selenium (Debian's chromium and chromium-driver), quit on leaving. Its
+    temporary files (a profile, a singleton socket that a quit Chromium leaves behind) go in a folder of
+    its own, removed with it."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -176,9 +183,14 @@ def chromium(width: int = 1280, height: int = 800):
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", f"--window-size={width},{height}"):
         options.add_argument(argument)
     options.binary_location = shutil.which("chromium")
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
-    driver.set_script_timeout(30)
-    return driver
+    with tempfile.TemporaryDirectory(prefix="digitseq-chromium-") as folder:
+        service = Service(shutil.which("chromedriver"), env=dict(os.environ, TMPDIR=folder))
+        driver = webdriver.Chrome(service=service, options=options)
+        try:
+            driver.set_script_timeout(30)
+            yield driver
+        finally:
+            driver.quit()
 
 
 def numbers(count: int, max_digits: int, seed: int, spacing: str) -> list[tuple[str, str, np.random.Generator]]:
@@ -214,21 +226,20 @@ def main() -> None:
 
     server = demo.serve(Reader.load(args.weights or args.workdir), "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    page = chromium()
     figures = {}
     try:
-        page.get(demo.address(server))
-        for spacing in SPACINGS:
-            if args.shots:
-                digits, kind, hand = numbers(1, args.max_digits, args.seed, spacing)[0]
-                clear(page)
-                answer(page, strokes=write(page, digits, kind, rng=hand, spacing=SPACINGS[spacing]))
-                Path(args.shots).mkdir(parents=True, exist_ok=True)
-                page.save_screenshot(str(Path(args.shots) / f"page-{spacing}.png"))
-            figures[spacing], wrong = read_right(page, args.count, args.max_digits, args.seed, spacing)
-            print(f"{spacing:9s} {figures[spacing]:7.1%} of {args.count}  misread: {wrong[:8]}", flush=True)
+        with chromium() as page:
+            page.get(demo.address(server))
+            for spacing in SPACINGS:
+                if args.shots:
+                    digits, kind, hand = numbers(1, args.max_digits, args.seed, spacing)[0]
+                    clear(page)
+                    answer(page, strokes=write(page, digits, kind, rng=hand, spacing=SPACINGS[spacing]))
+                    Path(args.shots).mkdir(parents=True, exist_ok=True)
+                    page.save_screenshot(str(Path(args.shots) / f"page-{spacing}.png"))
+                figures[spacing], wrong = read_right(page, args.count, args.max_digits, args.seed, spacing)
+                print(f"{spacing:9s} {figures[spacing]:7.1%} of {args.count}  misread: {wrong[:8]}", flush=True)
     finally:
-        page.quit()
         server.shutdown()
     print(json.dumps({"model": args.weights or args.workdir, "count": args.count, "read_right": figures}))
 

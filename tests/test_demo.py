@@ -308,9 +308,8 @@ def test_requests_that_wait_together_are_read_in_one_batch(reader):
 
 @pytest.fixture(scope="module")
 def browser():
-    driver = chromium()
-    yield driver
-    driver.quit()
+    with chromium() as driver:
+        yield driver
 
 
 @pytest.fixture
