@@ -14,7 +14,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # bilinear resize) gain nothing from it, and with it off they round alike on every CPU type.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+# TensorFlow's import loads Keras's optimizers (and with Keras, scikit-learn where it is installed) only
+# to register them for SavedModels that hold them: a second of every command's start, a third of the
+# import. Nothing here loads such a model; whatever uses Keras imports it itself. A None in sys.modules
+# makes that one import fail at once, which TensorFlow expects and passes over; it is removed after.
+_SKIPPED = "keras.src.optimizers"
+_skipping = sys.modules.setdefault(_SKIPPED, None) is None
 import tensorflow as tf  # noqa: E402
+
+if _skipping:
+    del sys.modules[_SKIPPED]
 
 for _kind in ("GPU", "TPU"):
     try:

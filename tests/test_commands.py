@@ -78,6 +78,18 @@ def test_export_preview_draws_the_sequences(tmp_path, mnist_dir):
     assert not list(tmp_path.glob("*.npz"))
 
 
+def test_the_libraries_load_without_keras_and_keras_still_loads():
+    # TensorFlow's import would load Keras's optimizers (a second of every command's start, docs/tests.md):
+    # pipeline has that import skipped, and leaves Keras importable for whatever uses it.
+    script = (
+        "import sys, pipeline; print('keras' in sys.modules, 'sklearn' in sys.modules); "
+        "import keras.src.optimizers, tensorflow as tf; print(tf.keras.optimizers.Adam.__name__)"
+    )
+    result = command("-c", script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False", "Adam"]
+
+
 def test_benchmark_prints_json_last(mnist_dir):
     result = run(
         "pipeline.benchmark",
