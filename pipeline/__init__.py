@@ -20,10 +20,11 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 # makes that one import fail at once, which TensorFlow expects and passes over; it is removed after.
 _SKIPPED = "keras.src.optimizers"
 _skipping = sys.modules.setdefault(_SKIPPED, None) is None
-import tensorflow as tf  # noqa: E402
-
-if _skipping:
-    del sys.modules[_SKIPPED]
+try:
+    import tensorflow as tf  # noqa: E402
+finally:  # (however the import ends: Keras stays importable)
+    if _skipping:
+        del sys.modules[_SKIPPED]
 
 for _kind in ("GPU", "TPU"):
     try:
