@@ -151,9 +151,8 @@ def resize(image: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
 class _Builder:
     """Sequences of one pool: per-example keys in, images and labels out, all inside XLA."""
 
-    def __init__(self, pool: DigitPool, config: SequenceConfig, seed: int):
+    def __init__(self, pool: DigitPool, config: SequenceConfig):
         self.config = config
-        self.seed = seed
         self.pool_size = len(pool)
         # The cell layout is stitched from whole rows of tiles; with distortions it goes through the
         # free renderer instead (a cell is a free digit placed in its cell), as the cells of `mixed` do.
@@ -282,9 +281,10 @@ class _Builder:
             return batch
         return {**batch, "image": self.resize(batch["image"])}
 
-    def set_keys(self, members: tf.Tensor) -> tf.Tensor:
-        """Keys of the members of the fixed set of this seed."""
-        return hash_words(self.seed, _SET, members)
+    @staticmethod
+    def set_keys(seed: int, members: tf.Tensor) -> tf.Tensor:
+        """Keys of the members of the fixed set of a seed."""
+        return hash_words(seed, _SET, members)
 
 
 def _check_whole(name: str, value: int, least: int) -> None:
@@ -307,11 +307,11 @@ def _finish(dataset: tf.data.Dataset, threads: int | None) -> tf.data.Dataset:
 
 
 @functools.lru_cache(maxsize=4)
-def _builder(pool: DigitPool, config: SequenceConfig, seed: int) -> _Builder:
-    """One builder per (pool, config, seed) in a process: its tables are made and its graphs traced and
-    compiled (seconds) once, however many streams and sets it serves (a validation set every epoch, a
-    test's streams). A few are kept: each holds its pool's digits in every version and shift."""
-    return _Builder(pool, config, seed)
+def _builder(pool: DigitPool, config: SequenceConfig) -> _Builder:
+    """One builder per (pool, config) in a process: its tables are made and its graphs traced and
+    compiled (seconds) once, however many streams and sets it serves, of any seed (a validation set
+    every epoch, a test's streams). A few are kept: each holds its pool's digits in every version and shift."""
+    return _Builder(pool, config)
 
 
 def train_batches(
@@ -348,7 +348,7 @@ def train_batches(
         _check_whole("number of examples", num_examples, 1)
         if num_examples < batch_size:
             raise ValueError(f"a fixed set of {num_examples} sequences cannot fill a batch of {batch_size}")
-    builder = _builder(pool, config, seed)
+    builder = _builder(pool, config)
     per_shard = batch_size // count
     columns = tf.range(index * per_shard, (index + 1) * per_shard, dtype=tf.int64)  # this shard's rows
     steps_per_call = max(1, _SEQUENCES_PER_CALL // per_shard)
@@ -376,7 +376,7 @@ def train_batches(
             members = tf.raw_ops.RandomIndexShuffle(
                 index=positions, seed=epoch_seeds, max_index=tf.constant(num_examples - 1, tf.int64)
             )
-            keys = builder.set_keys(members)
+            keys = builder.set_keys(seed, members)
         shift_keys = hash_words(seed, _SHIFT, steps, columns) if config.augment else None
         distort_keys = hash_words(seed, _DISTORT, steps, columns) if config.distortions else None
         flat = builder.build(*(None if k is None else tf.reshape(k, [-1]) for k in (keys, shift_keys, distort_keys)))
@@ -434,11 +434,11 @@ def eval_batches(
         raise ValueError("evaluation data is never augmented: pass a config with augment=False")
     _check_whole("number of examples", num_examples, 1)
     _check_whole("batch size", batch_size, 1)
-    builder = _builder(pool, config, seed)
+    builder = _builder(pool, config)
 
     def make(start: tf.Tensor) -> dict[str, tf.Tensor]:
         members = tf.range(start, tf.minimum(start + batch_size, num_examples))
-        batch = builder.build(builder.set_keys(members))
+        batch = builder.build(builder.set_keys(seed, members))
         return {name: t[None] for name, t in batch.items()}  # a stack of one step, like train_batches'
 
     starts = tf.data.Dataset.range(0, num_examples, batch_size)

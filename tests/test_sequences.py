@@ -14,7 +14,7 @@ from pipeline.sequences import (
     BLANK,
     CELLS_IN_MIXED,
     SequenceConfig,
-    _Builder,
+    _builder,
     eval_batches,
     numpy_batches,
     parse_image_size,
@@ -256,7 +256,7 @@ def test_free_sequences_are_framed_by_the_framing_rule(pools):
 
 
 def test_free_digits_stand_left_to_right_as_their_positions(pools):
-    builder = _Builder(pools["test"], SequenceConfig(layout="free"), seed=0)
+    builder = _builder(pools["test"], SequenceConfig(layout="free"))
     drawn = builder.draw(hash_words(3, np.arange(2000)))
     labels = builder.lay_out(drawn)["labels"].numpy()
     left, scale = drawn["left"].numpy(), drawn["scale"].numpy()
@@ -268,7 +268,7 @@ def test_free_digits_stand_left_to_right_as_their_positions(pools):
 
 def test_the_free_layout_spans_overlapping_to_wide(pools):
     """Neighbouring digits' ink: some overlapping, some touching, some apart (in the framed image)."""
-    builder = _Builder(pools["test"], SequenceConfig(layout="free"), seed=0)
+    builder = _builder(pools["test"], SequenceConfig(layout="free"))
     drawn = builder.draw(hash_words(4, np.arange(4000)))
     boxes, scale, left = (drawn[name].numpy() for name in ("boxes", "scale", "left"))
     right = left + boxes[..., 3] * scale
