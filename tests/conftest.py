@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import importlib
 import os
 import shutil
@@ -29,6 +30,16 @@ def shared_folder(tmp_path_factory) -> Path:
     """This run's temporary folder that every pytest-xdist worker sees (each has its own below it)."""
     base = tmp_path_factory.getbasetemp()
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def pytest_unconfigure(config) -> None:
+    """As it closes, pytest collects garbage five times (for exceptions raised in finalisers). With TensorFlow's
+    and JAX's objects about, each full collection takes ~0.3 s, over a second on a slowed machine, and
+    pytest-xdist's worker that is not done 5 s after its last test is sent SIGINT (execnet), which interrupts
+    whatever runs then (JAX's collection callback). So: one collection here, its survivors frozen out of the
+    next ones."""
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(scope="session", autouse=True)
