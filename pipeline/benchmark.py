@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     configs = {layout: dataclasses.replace(config, layout=layout) for layout in LAYOUTS}
     versions_s = None
     if args.distortions:
+        # Timed as made; the streams below share the versions a process has (kept beside the pools: read back).
         started = time.perf_counter()
-        distort.pool_versions(pool, args.distortions)  # made once per process; the streams below share them
+        distort.Distorter(args.distortions).variants(pool.images)
         versions_s = time.perf_counter() - started
         for layout in ("free", "mixed"):
             configs[f"{layout}+distorted"] = dataclasses.replace(config, layout=layout, distortions=args.distortions)

@@ -52,11 +52,13 @@ class MnistError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DigitPool:
-    """The digits one kind of sequence is drawn from: `images` uint8 [N, 28, 28], `labels` int32 [N]."""
+    """The digits one kind of sequence is drawn from: `images` uint8 [N, 28, 28], `labels` int32 [N];
+    `folder`: where what is made from them is kept (TFDS's prepared folder), or None."""
 
     split: str
     images: np.ndarray
     labels: np.ndarray
+    folder: Path | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -178,7 +180,7 @@ def load_pool(split: str, data_dir: str | None = None, mnist_dir: str | None = N
     images, labels = arrays
     images.setflags(write=False)
     labels.setflags(write=False)
-    return DigitPool(split=split, images=images, labels=labels)
+    return DigitPool(split=split, images=images, labels=labels, folder=Path(builder.data_dir))
 
 
 def _decode(
@@ -208,9 +210,10 @@ POOLS_FILE = "digitseq-pools.npz"
 
 
 def _records(builder: tfds.core.DatasetBuilder) -> str:
-    """What the pools were decoded from: the prepared files' names, sizes and modification times."""
+    """What the pools were decoded from: the prepared files' names, sizes and modification times (not this
+    project's own files: the pools, and the distorted versions `pipeline.distort` keeps beside them)."""
     folder = Path(builder.data_dir)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != POOLS_FILE and p.name[0] != ".")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(("digitseq-", ".")))
     return json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files])
 
 

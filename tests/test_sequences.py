@@ -9,6 +9,7 @@ from conftest import tiles
 
 from pipeline import distort, framing
 from pipeline.hashing import hash_words
+from pipeline.mnist import DigitPool
 from pipeline.sequences import (
     AUGMENT_MAX_SHIFT,
     BLANK,
@@ -312,6 +313,29 @@ def test_a_digits_first_version_is_mnists_own_the_others_its_own_each(pools, ver
     again = distort.Distorter(ALL).variants(digits, seed=3)
     assert np.array_equal(again, versions["all"])  # a function of the seed
     assert not np.array_equal(distort.Distorter(ALL).variants(digits, seed=4)[1:], versions["all"][1:])
+
+
+def test_a_pools_versions_are_kept_beside_it_read_back_and_made_again_when_damaged(pools, tmp_path):
+    digits, labels = pools["validation"].images[:300], pools["validation"].labels[:300]
+    names = ("thickness", "slant")
+
+    def versions() -> np.ndarray:  # as a new process gets them: a pool of its own (each pool's are cached)
+        return distort.pool_versions(DigitPool("validation", digits, labels, folder=tmp_path), names)
+
+    made = distort.Distorter(names).variants(digits)
+    assert np.array_equal(versions(), made)
+    [kept] = tmp_path.iterdir()  # one file, no partial one left
+    assert kept.name.startswith("digitseq-versions-") and kept.suffix == ".npz"
+    np.savez_compressed(kept, versions=255 - made[1:])  # what is kept is what the next process reads
+    assert np.array_equal(versions()[1:], 255 - made[1:])
+    other_code = tmp_path / f"{kept.name.rsplit('-', 1)[0]}-000000000000.npz"
+    other_code.write_bytes(kept.read_bytes())
+    kept.write_bytes(kept.read_bytes()[:-1000])  # damaged: made again, kept whole, the other code's removed
+    assert np.array_equal(versions(), made) and np.array_equal(np.load(kept)["versions"], made[1:])
+    assert not other_code.exists()
+    assert np.array_equal(distort.pool_versions(DigitPool("validation", digits, labels), names), made)  # no folder
+    distort.pool_versions(DigitPool("validation", digits, labels, folder=tmp_path), ("blur",))
+    assert len(list(tmp_path.iterdir())) == 2  # other distortions: a file of their own beside it
 
 
 def test_each_distortion_does_what_it_says(pools, versions):
