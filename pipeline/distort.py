@@ -160,6 +160,8 @@ def _keep_versions(folder: Path, name: str, versions: np.ndarray) -> None:
     goes without."""
     partial = folder / f".{name}.{os.getpid()}.partial"
     try:
+        for left in folder.glob(f".{name}.*.partial"):  # a killed process's
+            left.unlink(missing_ok=True)
         with open(partial, "wb") as file:
             np.savez_compressed(file, versions=versions)  # 40 % of the size; read back in under a second
         os.replace(partial, folder / name)
