@@ -138,7 +138,8 @@ def _versions_name(images: np.ndarray, distortions: tuple[str, ...]) -> str:
     code = hashlib.sha256(tf.__version__.encode())
     for module in (__file__, framing.__file__, hashing.__file__):
         code.update(Path(module).read_bytes())
-    digests = (hashlib.sha256(what).hexdigest()[:12] for what in (images.tobytes(), repr(distortions).encode()))
+    digits = np.ascontiguousarray(images)  # hashed in place (a pool's are already), not copied to bytes
+    digests = (hashlib.sha256(what).hexdigest()[:12] for what in (digits, repr(distortions).encode()))
     return f"digitseq-versions-{'-'.join(digests)}-{code.hexdigest()[:12]}.npz"
 
 
