@@ -32,7 +32,7 @@ HELD_OUT = 0.2  # of a training folder's numbers, kept to choose the checkpoint 
 SHARE = 0.5  # of every training batch, by default: the folders' numbers (the rest: MNIST sequences)
 SPLICES = 30  # new numbers per number trained on: several of them side by side, the digits in new company
 STOP = 0.3  # after each number spliced on, the chance that the new one ends there (while more would fit)
-SPLICE_GAP = (-0.1, 0.25)  # between the two, of the ink's height: touching to apart
+SPLICE_GAP = (-0.3, 0.1)  # between the two, of the ink's height: overlapping as close writers do, to apart
 _SHOWN = 5  # bad rows named in the message; the rest are counted
 
 
