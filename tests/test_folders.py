@@ -12,7 +12,7 @@ from conftest import only_line, run, weights
 from PIL import Image
 from writer import write_folder
 
-from pipeline import folders
+from pipeline import folders, framing
 from pipeline.sequences import BLANK, Numbers, SequenceConfig, numpy_stacks, train_batches
 
 
@@ -129,6 +129,24 @@ def test_spliced_numbers_put_several_numbers_side_by_side(tmp_path):
         text = "".join(str(d) for d in row if d != BLANK)
         assert len(text) <= 4 and all(d == BLANK for d in row[len(text) :]) and joined(text, 2), text
     assert made.max() > 200 and (made > 64).any(axis=2).sum(axis=1).min() >= 16  # framed ink, about 20 px high
+
+
+def test_spliced_numbers_stand_from_overlapping_to_apart():
+    # Ten one-digit "numbers", bars of ink 20 px high and 6–15 px wide, spliced in pairs: a made number's ink
+    # is as wide as its two bars and the gap between them, which spans SPLICE_GAP — overlapping as close
+    # writers' digits do, to apart.
+    widths = np.arange(6, 16)
+    canvases = np.zeros((10, 28, 56), np.uint8)
+    for digit, width in enumerate(widths):
+        canvases[digit, 4:24, 4 : 4 + width] = 255
+    labels = np.stack([np.arange(10), np.full(10, BLANK)], axis=1).astype(np.int32)
+    made, made_labels = folders.spliced(canvases, labels, seed=0)
+    inked = (made > 127).any(axis=1)
+    extent = inked.shape[1] - inked[:, ::-1].argmax(axis=1) - inked.argmax(axis=1)
+    gaps = extent - widths[made_labels].sum(axis=1)
+    low, high = (round(end * framing.INK_HEIGHT) for end in folders.SPLICE_GAP)
+    assert low - 1 <= gaps.min() <= low + 1 and high - 1 <= gaps.max() <= high + 1, (gaps.min(), gaps.max())
+    assert low <= -0.25 * framing.INK_HEIGHT  # as close as a writer's leaning digits stand (docs/results.md)
 
 
 @pytest.mark.slow
