@@ -4,13 +4,16 @@
 narrow slashed 0, a 1 with a long flag and a foot, a 2 as a crossed Z, a flat-topped 3, an open 4, an
 angular 5, a 6 with a straight back, a 7 crossed, an 8 as an hourglass, a 9 with a hooked tail — condensed
 and leaning back, written with a round pen (stroke 7–11 % of the digit's height), neighbours from 12 %
-overlapping to 8 % of a digit's width apart. `--hand marker` (the check, used for no choice): page.py's
-second letterforms, upright and wide, a felt-tip marker (15–20 %), neighbours overlapping by 5–30 %. Each
+overlapping to 8 % of a digit's width apart. `--hand marker` (made as a check; it then took part in
+choosing the splices' spacing): page.py's second letterforms, upright and wide, a felt-tip marker
+(15–20 %), neighbours overlapping by 5–30 %. `--hand forward` (made after that choice, for nothing but
+checking it): page.py's first letterforms leaning forward, a pen 10–14 %, neighbours from 20 %
+overlapping to 5 % apart. Each
 number its own size and slant, each point a little off (`page.layout`), dark ink on white paper, 1–5
 digits. Used by tests/test_folders.py (a folder to fine-tune on) and, run alone, to make the folders of
 the "your own numbers" figures in docs/results.md:
 
-    python tests/writer.py DIR [--count 50] [--seed 0] [--hand narrow|marker]
+    python tests/writer.py DIR [--count 50] [--seed 0] [--hand narrow|marker|forward]
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ NARROW = {
     "9": [_ellipse(0.5, 0.28, 0.38, 0.28, 0, -360, 16) + [(0.88, 0.28), (0.8, 1.0), (0.35, 0.85)]],
 }
 
+
 @dataclasses.dataclass(frozen=True)
 class Hand:
     letterforms: tuple[dict, ...]
@@ -55,6 +59,8 @@ HANDS = {
     "narrow": Hand((NARROW,), gap=(-0.12, 0.08), condensed=0.75, back_slant=0.35, pen=(0.07, 0.11)),
     # page.py's second family of letterforms, upright and wide, overlapping, with a felt-tip marker
     "marker": Hand((LETTERFORMS[1],), gap=(-0.3, -0.05), condensed=1.1, back_slant=0.0, pen=(0.15, 0.2)),
+    # page.py's first letterforms leaning forward, close, a medium pen: made after every choice, a check only
+    "forward": Hand((LETTERFORMS[0],), gap=(-0.2, 0.05), condensed=0.9, back_slant=-0.3, pen=(0.1, 0.14)),
 }
 _SUPERSAMPLE = 4  # drawn this much larger, then reduced: smooth edges
 
