@@ -39,17 +39,23 @@ def exported(tmp_path_factory, mnist_dir):
 
 
 def test_exported_pngs_read_as_the_model_reads_the_exported_set(trained_workdir, exported):
-    """Framing a free-layout sequence again changes next to nothing: from its PNG file the model reads what
-    it reads in the exported array itself."""
+    """Framing a free-layout sequence again changes next to nothing: from its PNG file the model gives the
+    probabilities it gives the exported array itself (a briefly trained model's near ties may tip either way,
+    so the digits are compared where predict.py and the library read the same file)."""
     paths, images, labels = exported["free"]
     # As a user types it, in a process of its own (the other tests of the command call it in this one).
     result = command("predict.py", *paths, "--weights", str(trained_workdir / "model.h5"))
     assert result.returncode == 0, result.stderr
     assert [line.split(": ")[0] for line in result.stdout.splitlines()] == paths
     reader = Reader.load(trained_workdir / "model.h5")
-    as_exported = [reading.digits for reading in reader.read_prepared(list(images))]
-    assert list(predicted(result.stdout).values()) == as_exported
-    assert sum(a == b for a, b in zip(as_exported, labels, strict=True)) >= 9, (as_exported, labels)
+    from_files = reader.read_prepared([reader.prepare(path) for path in paths])
+    assert list(predicted(result.stdout).values()) == [reading.digits for reading in from_files]
+    as_exported = reader.read_prepared(list(images))
+    for path, from_file, exported_reading in zip(paths, from_files, as_exported, strict=True):
+        difference = np.abs(from_file.probabilities - exported_reading.probabilities).max()
+        assert difference < 0.03, (path, difference)
+    right = sum(reading.digits == label for reading, label in zip(as_exported, labels, strict=True))
+    assert right >= 9, ([reading.digits for reading in as_exported], labels)
 
 
 def test_photo_like_images_read_as_their_labels(trained_workdir, exported):
