@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -61,8 +62,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_processes(workdir: Path, *flags: str) -> None:
-    """train.py as two jax.distributed processes on loopback, one CPU device each."""
+def two_processes(workdir: Path, *flags: str) -> list[str]:
+    """train.py as two jax.distributed processes on loopback, one CPU device each; their standard outputs."""
     port = free_port()
     processes = [
         subprocess.Popen(
@@ -91,29 +92,31 @@ def two_processes(workdir: Path, *flags: str) -> None:
     for process, (_, stderr) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, stderr
     assert "done at step" in outputs[0][0] and "done at step" not in outputs[1][0]  # process 0 speaks
+    return [stdout for stdout, _ in outputs]
 
 
 @pytest.mark.slow
 def test_two_processes_match_two_devices_in_one(tmp_path, mnist_dir):
-    # The one-process run beside the two processes' first half (its start-up is mostly one core's work).
-    two = subprocess.Popen(
-        [sys.executable, "train.py", "--workdir", str(tmp_path / "two"), *TINY], cwd=ROOT, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
-    )  # fmt: skip
-    # Two processes, stopped after epoch 1 and resumed: orbax saves and restores across both.
-    two_processes(tmp_path / "procs", "--max-steps", str(TINY_EPOCH))
-    _, stderr = two.communicate(timeout=600)
-    assert two.returncode == 0, stderr
-    two_processes(tmp_path / "procs")
-    config = json.loads((tmp_path / "procs" / "config.json").read_text())
+    # One process with two devices trains the reference, a checkpoint at each epoch's end (steps 8 and 16).
+    two = tmp_path / "two"
+    result = command("train.py", "--workdir", str(two), *TINY, "--checkpoint-every", str(TINY_EPOCH),
+                     env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    # Two processes continue a copy of it whose last checkpoint is lost: orbax restores across both from
+    # epoch 1's, and they train epoch 2 and save across both.
+    procs = tmp_path / "procs"
+    shutil.copytree(two, procs)
+    shutil.rmtree(procs / "checkpoints" / str(2 * TINY_EPOCH))
+    outputs = two_processes(procs)
+    assert f"resuming {procs} at step {TINY_EPOCH}" in outputs[0]
+    config = json.loads((procs / "config.json").read_text())
     assert config["devices"] == 2 and config["processes"] == 2
 
     def curve(run: str) -> list[float]:
         return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
 
     assert len(curve("procs")) == 2 and curve("procs") == pytest.approx(curve("two"), rel=1e-5)
-    a, b = weights(tmp_path / "two" / "model.h5"), weights(tmp_path / "procs" / "model.h5")
+    a, b = weights(two / "model.h5"), weights(procs / "model.h5")
     assert a.keys() == b.keys()
     for name in a:
         # Float noise only: sums in another order. Adam divides by the gradient's own scale, so noise in
