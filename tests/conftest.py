@@ -160,7 +160,8 @@ BRIEF = ["--max-digits", "2", "--learning-rate", "1e-3", "--schedule", "constant
 
 
 def trained_once(tmp_path_factory, name: str, *flags: str) -> Path:
-    """The workdir of `train.py BRIEF FLAGS`, trained by the first worker that asks; the others wait for it."""
+    """The workdir of `train.py BRIEF FLAGS`, trained by the first worker that asks; the others wait for it.
+    What the run printed is kept beside the workdir (stdout.txt)."""
     shared = shared_folder(tmp_path_factory)
     workdir = shared / name / "run"
     with open(shared / f"{name}.lock", "w") as lock:
@@ -169,6 +170,7 @@ def trained_once(tmp_path_factory, name: str, *flags: str) -> Path:
             shutil.rmtree(workdir.parent, ignore_errors=True)  # what a failed attempt left
             result = run("train.py", "--workdir", str(workdir), *BRIEF, *flags)
             assert result.returncode == 0, result.stderr
+            (workdir.parent / "stdout.txt").write_text(result.stdout)
     return workdir
 
 
