@@ -8,10 +8,9 @@ overlapping to 8 % of a digit's width apart. `--hand marker` (made as a check; i
 choosing the splices' spacing): page.py's second letterforms, upright and wide, a felt-tip marker
 (15–20 %), neighbours overlapping by 5–30 %. `--hand forward` (made after that choice, for nothing but
 checking it): page.py's first letterforms leaning forward, a pen 10–14 %, neighbours from 20 %
-overlapping to 5 % apart. Each
-number its own size and slant, each point a little off (`page.layout`), dark ink on white paper, 1–5
-digits. Used by tests/test_folders.py (a folder to fine-tune on) and, run alone, to make the folders of
-the "your own numbers" figures in docs/results.md:
+overlapping to 5 % apart. Each number its own size and slant, each point a little off (`page.layout`),
+dark ink on white paper, 1–5 digits. Used by tests/test_folders.py (a folder to fine-tune on) and, run
+alone, to make the folders of the "your own numbers" figures in docs/results.md:
 
     python tests/writer.py DIR [--count 50] [--seed 0] [--hand narrow|marker|forward]
 """
