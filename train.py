@@ -21,13 +21,21 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from model import distributed, loop, trained
+from model import distributed, judge, loop, trained
 from model import networks as nets
 from model.recipes import ACCELERATOR_ENSEMBLE, CHECKPOINT_MINUTES, FINE_TUNING, RECIPES, STREAMING_EPOCH, Recipe
 from model.workdir import Workdir
 from pipeline import flags, folders
 from pipeline.mnist import load_pool
-from pipeline.sequences import Numbers, SequenceConfig, eval_batches, numpy_batches, numpy_stacks, train_batches
+from pipeline.sequences import (
+    Numbers,
+    SequenceConfig,
+    eval_batches,
+    fixed_set,
+    numpy_batches,
+    numpy_stacks,
+    train_batches,
+)
 
 PROG = "train.py"
 
@@ -89,6 +97,26 @@ def own_numbers(args: argparse.Namespace, config: Recipe) -> tuple[Recipe, OwnNu
         data_digest=folders.digest(trained_on, chosen_by), val_examples=len(validation[1]),
     )  # fmt: skip
     return config, OwnNumbers(numbers, validation)
+
+
+def starting_point(
+    initial: trained.Trained, config: Recipe, own: OwnNumbers | None, data_dir: str | None, mnist_dir: str | None
+) -> trained.Trained:
+    """What fine-tuning `initial` starts from. On a user's numbers: a judged model (model/judge.py), its start
+    `initial` (of a judged model: its start) and a judge that tells the user's numbers, as training draws them,
+    from MNIST's sequences by the start's features; its fine-tuned network is trained. Otherwise the network
+    to train (of a judged model: its fine-tuned one). An ensemble gets no judge."""
+    start, tuned = judge.member(initial, "start"), judge.member(initial, "tuned")
+    if own is None or start.network.members > 1:
+        return tuned
+    drawn = own.numbers.images.reshape(-1, *own.numbers.images.shape[2:])
+    hand = drawn[np.random.default_rng(config.seed).permutation(len(drawn))[: judge.EXAMPLES]]
+    sequences = SequenceConfig(config.max_digits, config.image_size, layout=config.layout,
+                               distortions=config.distortions)  # fmt: skip
+    others, _ = fixed_set(load_pool("train", data_dir, mnist_dir), sequences, judge.EXAMPLES, seed=config.seed)
+    weights = judge.fit(start, hand[..., None], others[..., None])
+    network, variables = judge.judged(start.network, start.variables, tuned.variables, weights)
+    return dataclasses.replace(initial, network=network, variables=variables)
 
 
 def default_workdir(args: argparse.Namespace, config: Recipe) -> Path:
@@ -215,7 +243,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     own.add_argument(
         "--init-from", type=Path, metavar="MODEL",
         help="start from this model's network and weights (a model.h5, or a workdir's latest checkpoint) with "
-        f"the recipe of its preset made for fine-tuning: {tuning} (flags given still win)",
+        f"the recipe of its preset made for fine-tuning: {tuning} (flags given still win). With --data, the "
+        "model written keeps the start beside the fine-tuned network, and a judge of the folder's hand: each "
+        "image is read by the one whose hand it is in, so numbers like MNIST's read as before",
     )  # fmt: skip
     flags.add_data_flags(parser)
     flags.add_sequence_flags(parser, layout_default=recipe("layout"), distortions_default=recipe("distortions"))
@@ -308,7 +338,7 @@ def fine_tuned(initial: trained.Trained, given: dict) -> dict:
         raise ValueError(f"{shaped[0]} cannot be given with --init-from: the network is the model's")
     if initial.preset not in RECIPES:
         raise ValueError(f"--init-from {initial.description}: its preset {initial.preset!r} has no recipe here")
-    network = initial.network
+    network = judge.member(initial, "tuned").network
     shape = dict(preset=initial.preset, max_digits=network.positions, image_size=tuple(initial.image_size),
                  ensemble=network.members, layout=initial.layout)  # fmt: skip
     return {**FINE_TUNING, **shape, **given}
@@ -330,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--init-from {args.init_from} is in the workdir this run would train in; pick another "
                              "--workdir")  # fmt: skip
         startup.report_crashes_to(Workdir(workdir).crash_file)
+        if initial is not None:
+            initial = starting_point(initial, config, own, args.data_dir, args.mnist_dir)
         data = sequences(config, args.data_dir, args.mnist_dir, own)
         return loop.train_and_evaluate(config, workdir, data, args.resume, initial)
     except (loop.TrainingStopped, distributed.DistributedError) as error:

@@ -6,7 +6,7 @@ The file is what `keras.Model.save("model.h5")` writes (Keras 3): a root attribu
 `keras.models.load_model("model.h5")` rebuilds the network: input float32 [N, H, W, 1] in [0, 1],
 outputs the per-position softmax arrays `position_1` … `position_K`, in order. An ensemble is one
 such model: its members side by side (layers `member_1_conv1`, …), each output the `Average` of
-the members' softmaxes.
+the members' softmaxes; a judged model (model/judge.py) mixes its two members' softmaxes by its judge.
 
 A root attribute `digitseq` (JSON: layer specs, positions, members, image shape, preset) lets the project
 rebuild the same Flax network without Keras, whatever the presets look like by then.
@@ -88,9 +88,11 @@ class _Graph:
         return name
 
 
-def _keras_layers(graph: _Graph, layers, positions: int, variables: dict, prefix: str = "") -> list[str]:
+def _keras_layers(
+    graph: _Graph, layers, positions: int, variables: dict, prefix: str = "", taps: list[str] | None = None
+) -> list[str]:
     """Adds one network's layers to `graph`, reading its input tensor, each named prefix + its name;
-    returns the names of its K per-position softmax outputs."""
+    returns the names of its K per-position softmax outputs. `taps` gets the tensor before each layer."""
     params = variables["params"]
     stats = variables.get("batch_stats", {})
     graph.tensor = "image"
@@ -100,6 +102,8 @@ def _keras_layers(graph: _Graph, layers, positions: int, variables: dict, prefix
 
     outputs: list[str] = []
     for layer in layers:
+        if taps is not None:
+            taps.append(graph.tensor)
         if isinstance(layer, nets.Conv):
             p = params[layer.name]
             height, width, _ = graph.shape
@@ -247,20 +251,54 @@ def _attend_layers(graph: _Graph, layer: nets.Attend, positions: int, params: di
 
 def _keras_graph(network: nets.Network, image_size: tuple[int, int], variables: dict) -> tuple[_Graph, list[str]]:
     """The whole model: the network, or an ensemble's members side by side (`member_1_conv1`, …)
-    with each position's output the Average of the members' softmaxes."""
+    with each position's output the Average of the members' softmaxes (of a judged model: their mix
+    by the judge, `_judge_layers`)."""
     graph = _Graph(image_size)
     members = nets.member_variables(network, variables)
     if len(members) == 1:
         return graph, _keras_layers(graph, network.layers, network.positions, variables)
+    taps: list[str] = []
     member_outputs = [
-        _keras_layers(graph, network.layers, network.positions, member, prefix=f"member_{m + 1}_")
+        _keras_layers(graph, network.layers, network.positions, member, f"member_{m + 1}_", taps if m == 0 else None)
         for m, member in enumerate(members)
     ]
+    if network.judged:
+        hand = _judge_layers(graph, taps[nets.judge_depth(network.layers)], variables["params"]["judge"])
+        weights = {"start": graph.add("Dense", "start_weight", {"units": nets.NUM_CLASSES, "activation": "linear",
+                                      "use_bias": True}, (nets.NUM_CLASSES,), source=hand,
+                                      weights=[("kernel", -np.ones((1, nets.NUM_CLASSES))),
+                                               ("bias", np.ones(nets.NUM_CLASSES))]),
+                   "tuned": graph.add("Dense", "tuned_weight", {"units": nets.NUM_CLASSES, "activation": "linear",
+                                      "use_bias": False}, (nets.NUM_CLASSES,), source=hand,
+                                      weights=[("kernel", np.ones((1, nets.NUM_CLASSES)))])}  # fmt: skip
+        outputs = []
+        for k, sources in enumerate(zip(*member_outputs, strict=True)):
+            weighed = [graph.add("Multiply", f"{which}_position_{k + 1}", {}, (nets.NUM_CLASSES,),
+                                 source=[source, weights[which]])
+                       for which, source in zip(weights, sources, strict=True)]  # fmt: skip
+            outputs.append(graph.add("Add", f"position_{k + 1}", {}, (nets.NUM_CLASSES,), source=weighed))
+        return graph, outputs
     outputs = [
         graph.add("Average", f"position_{k + 1}", {}, (nets.NUM_CLASSES,), source=list(sources))
         for k, sources in enumerate(zip(*member_outputs, strict=True))
     ]
     return graph, outputs
+
+
+def _judge_layers(graph: _Graph, maps: str, judge: dict) -> str:
+    """The judge of a judged model on the start's feature maps `maps` (`networks.hand_features`, then one
+    sigmoid unit): returns its output, p [1], the weight of the fine-tuned member (the start's is 1 - p,
+    both spread over the 11 classes by the constant Dense layers `tuned_weight` and `start_weight`)."""
+    channels = graph.shapes[maps][-1]
+    pooling = {"data_format": "channels_last", "keepdims": False}
+    mean = graph.add("GlobalAveragePooling2D", "hand_mean", pooling, (channels,), source=maps)
+    peak = graph.add("GlobalMaxPooling2D", "hand_max", pooling, (channels,), source=maps)
+    squares = graph.add("Multiply", "hand_squares", {}, graph.shapes[maps], source=[maps, maps])
+    mean_square = graph.add("GlobalAveragePooling2D", "hand_mean_square", pooling, (channels,), source=squares)
+    features = graph.add("Concatenate", "hand_features", {"axis": -1}, (3 * channels,),
+                         source=[mean, peak, mean_square])  # fmt: skip
+    return graph.add("Dense", "judge", {"units": 1, "activation": "sigmoid", "use_bias": True}, (1,), source=features,
+                     weights=[("kernel", judge["kernel"]), ("bias", judge["bias"])])  # fmt: skip
 
 
 def _keras_order(layers: list[dict], outputs: list[str]) -> list[str]:
@@ -340,6 +378,7 @@ def write(
         "preset": preset,
         "positions": network.positions,
         "members": network.members,
+        "judged": network.judged,
         "image_size": list(image_size),
         "layers": nets.layers_to_json(network.layers),
         "layout": layout,
@@ -404,7 +443,8 @@ def read(path: str | Path) -> ModelFile:
             description = json.loads(file.attrs["digitseq"])
             layers = nets.layers_from_json(description["layers"])
             members = int(description.get("members", 1))
-            network = nets.Network(layers=layers, positions=int(description["positions"]), members=members)
+            judged = bool(description.get("judged", False)) and members == 2
+            network = nets.Network(layers, int(description["positions"]), members, judged)
             # "image_shape": its name in files written before the image size had one name throughout
             image_size = tuple(int(s) for s in description.get("image_size", description.get("image_shape")))
             preset = str(description["preset"])
@@ -423,11 +463,31 @@ def read(path: str | Path) -> ModelFile:
             ) from None
         prefixes = [""] if members == 1 else [f"member_{m + 1}_" for m in range(members)]
         found = [_read_member(path, file, layers, expected, prefix) for prefix in prefixes]
+        judge = _read_judge(path, file, nets.variables_structure(network, image_size)["params"]) if judged else None
     if members == 1:
         return ModelFile(network, image_size, found[0], preset, layout, label_smoothing)
     stacked = jax.tree.map(lambda *leaves: np.stack(leaves), *found)
     variables = {name: {"members": tree} for name, tree in stacked.items() if tree}
+    if judge is not None:
+        variables["params"]["judge"] = judge
     return ModelFile(network, image_size, variables, preset, layout, label_smoothing)
+
+
+def _read_judge(path: Path, file: h5py.File, params: dict) -> dict:
+    """A judged model's judge (its kernel [3·C, 1] and bias [1]), checked against the network's `params`."""
+    expected = params["judge"]
+    try:
+        group = file["model_weights"]["judge"]["judge"]
+        judge = {leaf: group[leaf][()] for leaf in expected}
+    except (KeyError, OSError) as error:
+        raise ModelFileError(f"{path} is damaged: its judge cannot be read ({error})") from None
+    for leaf, want in expected.items():
+        if judge[leaf].shape != want.shape:
+            raise ModelFileError(f"{path} does not fit the network it describes (judge/{leaf} has shape "
+                                 f"{judge[leaf].shape}, the network needs {want.shape})")  # fmt: skip
+    if not all(np.isfinite(value).all() for value in judge.values()):
+        raise ModelFileError(f"{path} holds NaN or infinite weights (in its judge): use another model")
+    return judge
 
 
 def _read_member(path: Path, file: h5py.File, layers, expected: dict, prefix: str) -> dict:

@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from model import distributed, keras_h5, metrics, trained, training
+from model import distributed, judge, keras_h5, metrics, trained, training
 from model import networks as nets
 from model.checkpoints import BEST_METRIC, Checkpoints, SaveError, storage_failure
 from model.recipes import CHECKPOINT_MINUTES, RECIPES, RESUME_KEYS, Recipe
@@ -60,7 +60,9 @@ def train_and_evaluate(
     config: Recipe, workdir: Path, data: Data, resume: bool = True, initial: trained.Trained | None = None
 ) -> int:
     """Trains `config` in `workdir` to its end, its time budget or a signal; returns the exit status. A fresh
-    run starts from `initial`'s network and weights when given (fine-tuning), else from the preset's."""
+    run starts from `initial`'s network and weights when given (fine-tuning), else from the preset's. A judged
+    `initial` (model/judge.py) trains its fine-tuned network, kept with its start and judge in start.h5; model.h5
+    is then that judged model with the weights trained."""
     with start(config, workdir, resume, initial) as run:
         return train(run, data)
 
@@ -159,6 +161,9 @@ def _settle(
     checked against the one it continues; config.json written."""
     preset = nets.get_preset(config.preset)
     network = nets.build(preset, config.max_digits, config.ensemble)
+    judged_start = initial if initial is not None and initial.network.judged else None
+    if judged_start is not None:
+        initial = judge.member(judged_start, "tuned")
     if continuing:
         saved = workdir.read_config()
         network = trained.recorded_network(workdir, saved, _legacy_variables(saved, checkpoints))
@@ -186,6 +191,9 @@ def _settle(
             note(f"{workdir} continues with the network it recorded, not today's {preset.name} preset")
     if distributed.is_main():
         workdir.write_config(record)
+        if judged_start is not None and not continuing:
+            keras_h5.write(workdir.start_model, judged_start.network, config.image_size, judged_start.variables,
+                           config.preset, layout=config.layout, label_smoothing=config.label_smoothing)  # fmt: skip
     distributed.barrier("workdir prepared")
     return network, variables
 
@@ -385,11 +393,15 @@ def save(run: Run, val_figures: dict | None = None) -> None:
 
 
 def write_model(run: Run) -> None:
+    """model.h5 of the weights trained (a run with start.h5: its judged model with them)."""
     if run.main:
-        variables, step = jax.device_get(run.state.variables), int(run.state.step)
+        network, variables, step = run.network, jax.device_get(run.state.variables), int(run.state.step)
         with writing(run, run.workdir.model):
+            if run.workdir.start_model.is_file():
+                start = keras_h5.read(run.workdir.start_model)
+                network, variables = judge.with_tuned(start.network, start.variables, variables)
             keras_h5.write(
-                run.workdir.model, run.network, run.config.image_size, variables, run.config.preset, step,
+                run.workdir.model, network, run.config.image_size, variables, run.config.preset, step,
                 layout=run.config.layout, label_smoothing=run.config.label_smoothing,
             )  # fmt: skip
 

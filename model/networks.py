@@ -338,24 +338,41 @@ class Network(nn.Module):
     along a first axis, under "members") and dropout. Training reads each member's logits
     [N, B, positions, 11]; inference reads the log of the members' mean probabilities, so its
     softmax is that mean.
+
+    `judged` (members = 2): a fine-tuned model with a judge of the hand. Member 1 is the model it started
+    from, member 2 the fine-tuned one; a logistic regression (`judge`, one Dense unit) on member 1's
+    last feature map (`hand_features`) gives p, the chance that an image is in the hand it was fine-tuned
+    on, and the probabilities are (1 - p)·member 1's + p·member 2's: MNIST's hand read as before.
     """
 
     layers: tuple[Layer, ...]
     positions: int = 5
     members: int = 1
+    judged: bool = False
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False, depth: int | None = None) -> jax.Array:
-        """Logits; with `depth`, the output of the first `depth` layers instead (to look at them)."""
+    def __call__(
+        self, images: jax.Array, train: bool = False, depth: int | None = None, tap: int | None = None
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """Logits; with `depth`, the output of the first `depth` layers instead (to look at them); with `tap`,
+        (that, the output of the first `tap` layers)."""
         if self.members > 1:
             stacked = nn.vmap(
                 Network, variable_axes={"params": 0, "batch_stats": 0, "intermediates": 0},  # each member's own
                 split_rngs={"params": True, "dropout": True}, in_axes=None, out_axes=0, axis_size=self.members,
             )  # fmt: skip
-            outputs = stacked(self.layers, self.positions, name="members")(images, train, depth)
+            members = stacked(self.layers, self.positions, name="members")
+            if self.judged and not train and depth is None:
+                logits, maps = members(images, False, None, judge_depth(self.layers))
+                hand = nn.Dense(1, name="judge")(hand_features(maps[0]))[:, 0]  # log-odds of the hand [B]
+                weights = jnp.stack([jax.nn.log_sigmoid(-hand), jax.nn.log_sigmoid(hand)])[:, :, None, None]
+                return jax.nn.logsumexp(jax.nn.log_softmax(logits) + weights, axis=0)
+            outputs = members(images, train, depth)
             return outputs if train or depth is not None else mean_probability_logits(outputs)
-        x = images
-        for layer in self.layers[:depth]:
+        x, tapped = images, None
+        for index, layer in enumerate(self.layers[:depth]):
+            if index == tap:
+                tapped = x
             if isinstance(layer, Conv):
                 conv = Conv2D(
                     layer.features, layer.kernel, layer.padding.upper(), layer.use_bias, layer.stride, name=layer.name
@@ -393,7 +410,7 @@ class Network(nn.Module):
                     x = nn.Dense(NUM_CLASSES, kernel_init=_GLOROT, name="classifier")(x)
             else:
                 raise TypeError(f"unknown layer spec {layer!r}")
-        return x
+        return x if tap is None else (x, tapped)
 
     def _attend(self, x: jax.Array, layer: Attend) -> jax.Array:
         batch, height, width, channels = x.shape
@@ -418,6 +435,21 @@ class Network(nn.Module):
 
 def build(preset: Preset, positions: int, members: int = 1) -> Network:
     return Network(layers=preset.layers, positions=positions, members=members)
+
+
+def judge_depth(layers: Sequence[Layer]) -> int:
+    """How many layers make the network's last feature map [B, H, W, C], which the judge of a judged model
+    reads: those before the first that ends the image's shape (Flatten, Cells, Attend)."""
+    for depth, layer in enumerate(layers):
+        if isinstance(layer, Flatten | Cells | Attend):
+            return depth
+    raise ValueError("the network has no layer that flattens its feature map")
+
+
+def hand_features(maps: jax.Array) -> jax.Array:
+    """[B, H, W, C] feature maps → [B, 3·C]: each channel's mean, maximum and mean square over the image —
+    what a judge tells a hand by (the style of strokes, not where they stand)."""
+    return jnp.concatenate([maps.mean(axis=(1, 2)), maps.max(axis=(1, 2)), (maps * maps).mean(axis=(1, 2))], -1)
 
 
 def mean_probability_logits(member_logits: jax.Array) -> jax.Array:

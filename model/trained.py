@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from model import keras_h5
+from model import judge, keras_h5
 from model import networks as nets
 from model.checkpoints import Checkpoints
 from model.workdir import Workdir
@@ -104,6 +104,13 @@ def from_workdir(path: Path, checkpoint: str = "latest") -> Trained:
     network = recorded_network(workdir, config, variables)
     layout = config["layout"]
     description = f"{path} step {step} ({config['preset']}, {layout} layout)"
+    if workdir.start_model.is_file():  # a run on a user's numbers: read with its start and judge
+        start = keras_h5.read(workdir.start_model)
+        if dataclasses.replace(start.network, members=1, judged=False) != network:
+            raise ValueError(f"{workdir.start_model} does not hold the network {path} trained; train it again "
+                             "with --no-resume")  # fmt: skip
+        network, variables = judge.with_tuned(start.network, start.variables, variables)
+        description = f"{path} step {step} ({config['preset']}, {layout} layout, judged)"
     smoothing = float(config.get("label_smoothing", 0.0))
     return Trained(
         network, tuple(config["image_size"]), variables, description, workdir, layout, smoothing, config["preset"]
@@ -122,7 +129,8 @@ def from_weights(path: Path) -> Trained:
         except (OSError, TypeError, ValueError):  # a damaged config.json does not stop the model being read
             smoothing = 0.0
     step = keras_h5.recorded_step(path)
-    description = f"{path}{'' if step is None else f' step {step}'} ({model.preset}, {model.layout} layout)"
+    judged = ", judged" if model.network.judged else ""
+    description = f"{path}{'' if step is None else f' step {step}'} ({model.preset}, {model.layout} layout{judged})"
     return Trained(
         model.network, model.image_size, model.variables, description, run, model.layout, smoothing, model.preset
     )

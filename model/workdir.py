@@ -5,6 +5,9 @@
     WORKDIR/checkpoints/    orbax (model/checkpoints.py)
     WORKDIR/tensorboard/    the same figures for TensorBoard
     WORKDIR/model.h5        the Keras file (model/keras_h5.py)
+    WORKDIR/start.h5        of a run on a user's numbers from --init-from: the model it started from with
+                            the judge of the user's hand (model/judge.py); model.h5 and the checkpoints
+                            are read with it
     WORKDIR/.lock           held by the train.py that owns the workdir
     WORKDIR/crash.txt       only after a crash: what each thread was doing (startup.py)
 
@@ -28,6 +31,7 @@ METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tensorboard"
 MODEL = "model.h5"
+START = "start.h5"
 LOCK = ".lock"
 CRASH = "crash.txt"
 _PARTIAL = ".{name}.partial"
@@ -79,6 +83,7 @@ class Workdir:
         self.checkpoints = self.path / CHECKPOINTS
         self.tensorboard = self.path / TENSORBOARD
         self.model = self.path / MODEL
+        self.start_model = self.path / START
         self.crash_file = self.path / CRASH
 
     def __str__(self) -> str:
@@ -147,6 +152,7 @@ class Workdir:
         shutil.rmtree(self.tensorboard, ignore_errors=True)
         self.metrics_file.unlink(missing_ok=True)
         self.model.unlink(missing_ok=True)
+        self.start_model.unlink(missing_ok=True)
 
     def remove_partials(self) -> None:
         """Removes partial files a killed writer left (only while holding the lock)."""

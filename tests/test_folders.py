@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from conftest import only_line, run, weights
 from PIL import Image
 from writer import write_folder
 
-from pipeline import folders, framing
-from pipeline.sequences import BLANK, Numbers, SequenceConfig, numpy_stacks, train_batches
+from model import judge, trained
+from pipeline import folders, framing, images
+from pipeline.sequences import BLANK, Numbers, SequenceConfig, fixed_set, numpy_stacks, train_batches
 
 
 def test_a_folder_reads_every_number_framed_with_its_digits(tmp_path):
@@ -150,7 +152,7 @@ def test_spliced_numbers_stand_from_overlapping_to_apart():
 
 
 @pytest.mark.slow
-def test_fine_tuning_on_a_folder_end_to_end(tmp_path, trained_workdir):
+def test_fine_tuning_on_a_folder_end_to_end(tmp_path, trained_workdir, pools):
     mine = tmp_path / "mine"
     write_folder(mine, 12, seed=5, max_digits=2)
     start = trained_workdir / "model.h5"
@@ -165,8 +167,20 @@ def test_fine_tuning_on_a_folder_end_to_end(tmp_path, trained_workdir):
     assert config["val_examples"] == 2  # a fifth of the 12 numbers held out
     assert config["init_from"].startswith(str(start)) and len(config["init_digest"]) == 64
     assert config["layers"] == started["layers"] and config["learning_rate"] == 1e-3
+    # model.h5 is the judged model: the start kept whole, the fine-tuned network moved, the judge beside them.
     before, after = weights(start), weights(workdir / "model.h5")
-    assert before.keys() == after.keys() and any(not np.array_equal(before[k], after[k]) for k in before)
+    assert (workdir / "start.h5").is_file() and "judge/judge/kernel" in after
+    assert all(np.array_equal(before[name], after[in_member(name, 1)]) for name in before)
+    assert any(not np.array_equal(before[name], after[in_member(name, 2)]) for name in before)
+    from_workdir, from_file = trained.load(workdir), trained.load(workdir / "model.h5")
+    assert from_workdir.network == from_file.network and from_file.network.judged
+    assert jax.tree.all(jax.tree.map(np.array_equal, from_workdir.variables, from_file.variables))
+    # The judge tells the folder's hand from MNIST's.
+    canvases, _ = folders.joined([folders.read_folder(mine, 2)], 2)
+    mnist, _ = fixed_set(pools["test"], SequenceConfig(2, from_file.image_size, layout="free"), 40, seed=1)
+    sized = np.stack([images.sized(canvas, from_file.image_size) for canvas in canvases])
+    hand = [judge.judged_hand(from_file, batch[..., None]) for batch in (sized, mnist)]
+    assert np.mean(hand[0] > 0.5) >= 0.75 and np.mean(hand[1] < 0.5) >= 0.75, hand
     figures = tmp_path / "figures.json"
     result = run("eval.py", "--workdir", str(workdir), "--data", str(mine), "--json", str(figures))
     assert result.returncode == 0, result.stderr
@@ -183,6 +197,13 @@ def test_fine_tuning_on_a_folder_end_to_end(tmp_path, trained_workdir):
     assert (workdir / "model.h5").read_bytes() == saved
     result = run("train.py", "--data", str(mine), "--init-from", str(start), "--preset", "seed")
     assert result.returncode == 2 and "--preset cannot be given with --init-from" in only_line(result.stderr)
+
+
+def in_member(name: str, member: int) -> str:
+    """A weight's name in a single network's model.h5 → in a two-member model's: conv1/conv1/kernel →
+    member_1_conv1/member_1_conv1/kernel."""
+    layer, path, leaf = name.split("/")
+    return f"member_{member}_{layer}/member_{member}_{path}/{leaf}"
 
 
 def test_a_fifth_is_held_out_by_name_the_same_in_every_order(tmp_path):

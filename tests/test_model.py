@@ -114,15 +114,35 @@ CELL_READER = nets.Preset(
 )  # fmt: skip
 
 
+def test_a_judged_model_reads_by_its_judge():
+    """A judge sure of the hand reads as the fine-tuned member, sure of the other hand as the start, and in
+    between mixes their probabilities by its sigmoid."""
+    network = nets.Network(nets.DEFAULT.layers, positions=2, members=2, judged=True)
+    variables = jax.tree.map(np.asarray, nets.init_variables(network, (28, 56), seed=0))
+    start, tuned = nets.member_variables(network, variables)
+    single = nets.build(nets.DEFAULT, 2)
+    images = np.random.default_rng(0).integers(0, 256, (4, 28, 56, 1)).astype(np.uint8)
+    each = [nets.probabilities(single, member, images) for member in (start, tuned)]
+    assert not np.allclose(*each, atol=1e-3)
+    kernel = variables["params"]["judge"]["kernel"]
+    assert kernel.shape == (3 * 96, 1)  # mean, max and mean square of conv3's 96 channels
+    for bias, expected in ((-40.0, each[0]), (40.0, each[1]), (0.0, None)):
+        judge = {"kernel": np.zeros_like(kernel), "bias": np.array([bias], np.float32)}
+        got = nets.probabilities(network, {**variables, "params": {**variables["params"], "judge": judge}}, images)
+        np.testing.assert_allclose(got, (each[0] + each[1]) / 2 if expected is None else expected, atol=1e-6)
+
+
 @pytest.mark.parametrize(
-    "preset, members", [("seed", 1), ("default", 1), ("default", 3), ("seed", 2), ("accurate", 1), ("cells", 1)]
+    "preset, members",
+    [("seed", 1), ("default", 1), ("default", 3), ("seed", 2), ("accurate", 1), ("cells", 1), ("seed", "judged")],
 )
 def test_model_h5_opens_in_keras_and_matches_flax(tmp_path, preset, members):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
     spec = CELL_READER if preset == "cells" else nets.get_preset(preset)
-    network = nets.build(spec, 5, members)
+    judged = members == "judged"  # a fine-tuned model with its start and a judge of the hand (model/judge.py)
+    network = nets.Network(spec.layers, 5, 2 if judged else members, judged)
     shape = spec.checked_image_size(5)
     variables = jax.tree.map(np.asarray, nets.init_variables(network, shape, seed=3))
     # Every weight moved a little and the batch-norm statistics a lot, so that a wrong mapping of any would
@@ -133,6 +153,9 @@ def test_model_h5_opens_in_keras_and_matches_flax(tmp_path, preset, members):
     if "batch_stats" in variables:
         variables["batch_stats"] = jax.tree.map(lambda a: a + rng.uniform(0.1, 0.5, a.shape), variables["batch_stats"])
     variables = jax.tree.map(lambda a: np.asarray(a, np.float32), variables)
+    if judged:  # a judge in two minds (p ≈ 0.6, varying by image), so that both members' weights show
+        kernel = rng.normal(0, 1e-3, variables["params"]["judge"]["kernel"].shape).astype(np.float32)
+        variables["params"]["judge"] = {"kernel": kernel, "bias": np.array([0.4], np.float32)}
     path = tmp_path / "model.h5"
     keras_h5.write(path, network, shape, variables, preset, layout="mixed")
 
