@@ -360,10 +360,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--init-from {args.init_from} is in the workdir this run would train in; pick another "
                              "--workdir")  # fmt: skip
         startup.report_crashes_to(Workdir(workdir).crash_file)
-        if initial is not None:
-            initial = starting_point(initial, config, own, args.data_dir, args.mnist_dir)
         data = sequences(config, args.data_dir, args.mnist_dir, own)
-        return loop.train_and_evaluate(config, workdir, data, args.resume, initial)
+        begin = None if initial is None else lambda: starting_point(initial, config, own, args.data_dir, args.mnist_dir)
+        return loop.train_and_evaluate(config, workdir, data, args.resume, begin)
     except (loop.TrainingStopped, distributed.DistributedError) as error:
         print(f"{PROG}: {error}", file=sys.stderr, flush=True)
         return 1

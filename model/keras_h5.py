@@ -466,10 +466,13 @@ def read(path: str | Path) -> ModelFile:
         judge = _read_judge(path, file, nets.variables_structure(network, image_size)["params"]) if judged else None
     if members == 1:
         return ModelFile(network, image_size, found[0], preset, layout, label_smoothing)
+    if judged:
+        variables = {name: dict(zip(nets.JUDGED_MEMBERS, (m[name] for m in found), strict=True))
+                     for name in found[0] if found[0][name]}  # fmt: skip
+        variables["params"]["judge"] = judge
+        return ModelFile(network, image_size, variables, preset, layout, label_smoothing)
     stacked = jax.tree.map(lambda *leaves: np.stack(leaves), *found)
     variables = {name: {"members": tree} for name, tree in stacked.items() if tree}
-    if judge is not None:
-        variables["params"]["judge"] = judge
     return ModelFile(network, image_size, variables, preset, layout, label_smoothing)
 
 

@@ -42,6 +42,9 @@ PROG = "train.py"  # the loop speaks as the command that runs it
 EVAL_BATCH = 1000
 
 
+Initial = Callable[[], trained.Trained]  # makes the model a fresh run starts from (fine-tuning)
+
+
 class TrainingStopped(Exception):
     """Training cannot go on (the loss became NaN, a write failed); the message says why."""
 
@@ -57,12 +60,13 @@ class Data:
 
 
 def train_and_evaluate(
-    config: Recipe, workdir: Path, data: Data, resume: bool = True, initial: trained.Trained | None = None
+    config: Recipe, workdir: Path, data: Data, resume: bool = True, initial: Initial | None = None
 ) -> int:
     """Trains `config` in `workdir` to its end, its time budget or a signal; returns the exit status. A fresh
-    run starts from `initial`'s network and weights when given (fine-tuning), else from the preset's. A judged
-    `initial` (model/judge.py) trains its fine-tuned network, kept with its start and judge in start.h5; model.h5
-    is then that judged model with the weights trained."""
+    run starts from the network and weights of the model `initial()` makes when given (fine-tuning; called
+    only when the run starts afresh), else from the preset's. A judged model (model/judge.py) trains its
+    fine-tuned network, kept with its start and judge in start.h5; model.h5 is then that judged model with
+    the weights trained."""
     with start(config, workdir, resume, initial) as run:
         return train(run, data)
 
@@ -95,7 +99,7 @@ def shardings() -> tuple[NamedSharding, NamedSharding, NamedSharding]:
 
 
 @contextlib.contextmanager
-def start(config: Recipe, path: Path, resume: bool, initial: trained.Trained | None = None) -> Iterator[Run]:
+def start(config: Recipe, path: Path, resume: bool, initial: Initial | None = None) -> Iterator[Run]:
     """The run in `path`, ready for its next step; its workdir stays locked (and its checkpoints open) inside."""
     started = time.monotonic()
     if config.batch_size % jax.device_count():
@@ -124,7 +128,7 @@ def start(config: Recipe, path: Path, resume: bool, initial: trained.Trained | N
 
 @contextlib.contextmanager
 def open_workdir(
-    config: Recipe, workdir: Workdir, resume: bool, initial: trained.Trained | None = None
+    config: Recipe, workdir: Workdir, resume: bool, initial: Initial | None = None
 ) -> Iterator[tuple[nets.Network, dict, Checkpoints]]:
     """The resume rules. A workdir holding someone else's files is refused. With a checkpoint and resume,
     the run continues with the network its config.json records, under the same RESUME_KEYS (and epochs,
@@ -155,23 +159,24 @@ def open_workdir(
 
 
 def _settle(
-    config: Recipe, workdir: Workdir, continuing: bool, checkpoints: Checkpoints, initial: trained.Trained | None
+    config: Recipe, workdir: Workdir, continuing: bool, checkpoints: Checkpoints, initial: Initial | None
 ) -> tuple[nets.Network, dict]:
-    """The network (a continued run's recorded one, or `initial`'s) and its initial variables, the run's record
-    checked against the one it continues; config.json written."""
+    """The network (a continued run's recorded one, or that of the model `initial` makes) and its initial
+    variables, the run's record checked against the one it continues; config.json written."""
     preset = nets.get_preset(config.preset)
     network = nets.build(preset, config.max_digits, config.ensemble)
-    judged_start = initial if initial is not None and initial.network.judged else None
+    start_from = initial() if initial is not None and not continuing else None
+    judged_start = start_from if start_from is not None and start_from.network.judged else None
     if judged_start is not None:
-        initial = judge.member(judged_start, "tuned")
+        start_from = judge.member(judged_start, "tuned")
     if continuing:
         saved = workdir.read_config()
         network = trained.recorded_network(workdir, saved, _legacy_variables(saved, checkpoints))
-    elif initial is not None:
-        network = initial.network
+    elif start_from is not None:
+        network = start_from.network
     variables = nets.init_variables(network, config.image_size, config.seed)
-    if initial is not None and not continuing:  # its weights, in the structure and types a fresh start has
-        given = {name: initial.variables.get(name, {}) for name in variables}
+    if start_from is not None:  # its weights, in the structure and types a fresh start has
+        given = {name: start_from.variables.get(name, {}) for name in variables}
         variables = jax.tree.map(lambda fresh, weights: np.asarray(weights, fresh.dtype), variables, given)
     record = dataclasses.asdict(config) | {
         "image_size": list(config.image_size), "distortions": list(config.distortions),

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 NUM_CLASSES = 11  # digits 0–9 and blank
+JUDGED_MEMBERS = ("start", "tuned")  # a judged model's two networks (Network.judged), in member order
 _GLOROT = nn.initializers.glorot_uniform()  # Keras's default kernel initializer, as in the notebook
 
 
@@ -339,10 +340,11 @@ class Network(nn.Module):
     [N, B, positions, 11]; inference reads the log of the members' mean probabilities, so its
     softmax is that mean.
 
-    `judged` (members = 2): a fine-tuned model with a judge of the hand. Member 1 is the model it started
-    from, member 2 the fine-tuned one; a logistic regression (`judge`, one Dense unit) on member 1's
-    last feature map (`hand_features`) gives p, the chance that an image is in the hand it was fine-tuned
-    on, and the probabilities are (1 - p)·member 1's + p·member 2's: MNIST's hand read as before.
+    `judged` (members = 2): a fine-tuned model with a judge of the hand. Its members are the model it
+    started from ("start") and the fine-tuned one ("tuned"); a logistic regression (`judge`, one Dense unit)
+    on the start's last feature map (`hand_features`) gives p, the chance that an image is in the hand it
+    was fine-tuned on, and the probabilities are (1 - p)·the start's + p·the fine-tuned one's: MNIST's hand
+    read as before (model/judge.py).
     """
 
     layers: tuple[Layer, ...]
@@ -356,18 +358,21 @@ class Network(nn.Module):
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Logits; with `depth`, the output of the first `depth` layers instead (to look at them); with `tap`,
         (that, the output of the first `tap` layers)."""
+        if self.judged:  # two networks of their own, run one after the other (vmapped, CPU convolutions are slow)
+            start, tuned = (Network(self.layers, self.positions, name=name) for name in JUDGED_MEMBERS)
+            if train or depth is not None:
+                return jnp.stack([start(images, train, depth), tuned(images, train, depth)])
+            logits, maps = start(images, False, None, judge_depth(self.layers))
+            hand = nn.Dense(1, name="judge")(hand_features(maps))[:, 0]  # log-odds of the hand [B]
+            weights = jnp.stack([jax.nn.log_sigmoid(-hand), jax.nn.log_sigmoid(hand)])[:, :, None, None]
+            both = jnp.stack([jax.nn.log_softmax(logits), jax.nn.log_softmax(tuned(images))])
+            return jax.nn.logsumexp(both + weights, axis=0)
         if self.members > 1:
             stacked = nn.vmap(
                 Network, variable_axes={"params": 0, "batch_stats": 0, "intermediates": 0},  # each member's own
                 split_rngs={"params": True, "dropout": True}, in_axes=None, out_axes=0, axis_size=self.members,
             )  # fmt: skip
-            members = stacked(self.layers, self.positions, name="members")
-            if self.judged and not train and depth is None:
-                logits, maps = members(images, False, None, judge_depth(self.layers))
-                hand = nn.Dense(1, name="judge")(hand_features(maps[0]))[:, 0]  # log-odds of the hand [B]
-                weights = jnp.stack([jax.nn.log_sigmoid(-hand), jax.nn.log_sigmoid(hand)])[:, :, None, None]
-                return jax.nn.logsumexp(jax.nn.log_softmax(logits) + weights, axis=0)
-            outputs = members(images, train, depth)
+            outputs = stacked(self.layers, self.positions, name="members")(images, train, depth)
             return outputs if train or depth is not None else mean_probability_logits(outputs)
         x, tapped = images, None
         for index, layer in enumerate(self.layers[:depth]):
@@ -459,9 +464,12 @@ def mean_probability_logits(member_logits: jax.Array) -> jax.Array:
 
 
 def member_variables(network: Network, variables: dict) -> list[dict]:
-    """An ensemble's variables → each member's, as a single network's (one member: the variables as they are)."""
+    """An ensemble's variables → each member's, as a single network's (one member: the variables as they are;
+    a judged model: its start's and its fine-tuned network's)."""
     if network.members == 1:
         return [variables]
+    if network.judged:
+        return [{name: tree[member] for name, tree in variables.items() if tree} for member in JUDGED_MEMBERS]
     return [
         {name: jax.tree.map(lambda leaf, m=m: leaf[m], tree["members"]) for name, tree in variables.items() if tree}
         for m in range(network.members)
@@ -553,8 +561,8 @@ def read_in_batches(network: Network, variables: dict, images: np.ndarray) -> np
 def _jitted_where(network: Network) -> Callable:
     def apply(variables, images):
         logits, state = network.apply(variables, to_input(images), train=False, mutable=["intermediates"])
-        weights = jax.tree.leaves(state["intermediates"])[0]
-        return jax.nn.softmax(logits), weights[0] if network.members > 1 else weights
+        weights = jax.tree.leaves(state["intermediates"])[0]  # (of a judged model: its start's)
+        return jax.nn.softmax(logits), weights[0] if network.members > 1 and not network.judged else weights
 
     return jax.jit(apply)
 
@@ -562,7 +570,8 @@ def _jitted_where(network: Network) -> Callable:
 def where_looked(network: Network, variables: dict, images: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Any number of images uint8 [N, H, W, 1] → (class probabilities [N, positions, 11], the weights
     each position of the reader (`Attend`) gives the feature columns [N, positions, columns]: where it
-    looked; of an ensemble, its first member's). None for a network without that reader."""
+    looked; of an ensemble, its first member's; of a judged model, its start's). None for a network without
+    that reader."""
     if not any(isinstance(layer, Attend) for layer in network.layers) or not len(images):
         return None
     return _in_batches(lambda chunk: _jitted_where(network)(variables, chunk), images)
