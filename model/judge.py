@@ -20,7 +20,7 @@ from model import networks as nets
 if TYPE_CHECKING:  # (trained.py reads judged models through this module)
     from model.trained import Trained
 
-EXAMPLES = 6000  # of each side: the user's numbers (their drawn versions) and MNIST's sequences
+EXAMPLES = 6000  # MNIST's sequences, and at most as many of the user's numbers (their drawn versions)
 L2 = 1.0  # on the standardised features' weights: scikit-learn's LogisticRegression(C=1)
 NEWTON_STEPS = 50
 

@@ -364,6 +364,7 @@ class Network(nn.Module):
                 return jnp.stack([start(images, train, depth), tuned(images, train, depth)])
             logits, maps = start(images, False, None, judge_depth(self.layers))
             hand = nn.Dense(1, name="judge")(hand_features(maps))[:, 0]  # log-odds of the hand [B]
+            self.sow("intermediates", "hand", hand)  # (where_looked shows the one that reads it)
             weights = jnp.stack([jax.nn.log_sigmoid(-hand), jax.nn.log_sigmoid(hand)])[:, :, None, None]
             both = jnp.stack([jax.nn.log_softmax(logits), jax.nn.log_softmax(tuned(images))])
             return jax.nn.logsumexp(both + weights, axis=0)
@@ -561,8 +562,12 @@ def read_in_batches(network: Network, variables: dict, images: np.ndarray) -> np
 def _jitted_where(network: Network) -> Callable:
     def apply(variables, images):
         logits, state = network.apply(variables, to_input(images), train=False, mutable=["intermediates"])
-        weights = jax.tree.leaves(state["intermediates"])[0]  # (of a judged model: its start's)
-        return jax.nn.softmax(logits), weights[0] if network.members > 1 and not network.judged else weights
+        sown = state["intermediates"]
+        if network.judged:  # the where of the network whose hand the judge takes it for
+            start, tuned = (sown[member]["where"][0] for member in JUDGED_MEMBERS)
+            return jax.nn.softmax(logits), jnp.where(sown["hand"][0][:, None, None] > 0, tuned, start)
+        weights = jax.tree.leaves(sown)[0]
+        return jax.nn.softmax(logits), weights[0] if network.members > 1 else weights
 
     return jax.jit(apply)
 
@@ -570,8 +575,8 @@ def _jitted_where(network: Network) -> Callable:
 def where_looked(network: Network, variables: dict, images: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Any number of images uint8 [N, H, W, 1] → (class probabilities [N, positions, 11], the weights
     each position of the reader (`Attend`) gives the feature columns [N, positions, columns]: where it
-    looked; of an ensemble, its first member's; of a judged model, its start's). None for a network without
-    that reader."""
+    looked; of an ensemble, its first member's; of a judged model, that of the network whose hand the judge
+    takes the image for). None for a network without that reader."""
     if not any(isinstance(layer, Attend) for layer in network.layers) or not len(images):
         return None
     return _in_batches(lambda chunk: _jitted_where(network)(variables, chunk), images)

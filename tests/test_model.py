@@ -115,21 +115,25 @@ CELL_READER = nets.Preset(
 
 
 def test_a_judged_model_reads_by_its_judge():
-    """A judge sure of the hand reads as the fine-tuned member, sure of the other hand as the start, and in
-    between mixes their probabilities by its sigmoid."""
+    """A judge sure of the hand reads as the fine-tuned member (and shows where it looked), sure of the other
+    hand as the start, and in between mixes their probabilities by its sigmoid."""
     network = nets.Network(nets.DEFAULT.layers, positions=2, members=2, judged=True)
     variables = jax.tree.map(np.asarray, nets.init_variables(network, (28, 56), seed=0))
     start, tuned = nets.member_variables(network, variables)
     single = nets.build(nets.DEFAULT, 2)
     images = np.random.default_rng(0).integers(0, 256, (4, 28, 56, 1)).astype(np.uint8)
     each = [nets.probabilities(single, member, images) for member in (start, tuned)]
-    assert not np.allclose(*each, atol=1e-3)
+    looked = [nets.where_looked(single, member, images)[1] for member in (start, tuned)]
+    assert not np.allclose(*each, atol=1e-3) and not np.allclose(*looked, atol=1e-3)
     kernel = variables["params"]["judge"]["kernel"]
     assert kernel.shape == (3 * 96, 1)  # mean, max and mean square of conv3's 96 channels
     for bias, expected in ((-40.0, each[0]), (40.0, each[1]), (0.0, None)):
         judge = {"kernel": np.zeros_like(kernel), "bias": np.array([bias], np.float32)}
-        got = nets.probabilities(network, {**variables, "params": {**variables["params"], "judge": judge}}, images)
+        judged = {**variables, "params": {**variables["params"], "judge": judge}}
+        got = nets.probabilities(network, judged, images)
         np.testing.assert_allclose(got, (each[0] + each[1]) / 2 if expected is None else expected, atol=1e-6)
+        if bias:
+            np.testing.assert_allclose(nets.where_looked(network, judged, images)[1], looked[bias > 0], atol=1e-6)
 
 
 @pytest.mark.parametrize(
