@@ -403,7 +403,7 @@ def write_model(run: Run) -> None:
         network, variables, step = run.network, jax.device_get(run.state.variables), int(run.state.step)
         with writing(run, run.workdir.model):
             if run.workdir.start_model.is_file():
-                start = keras_h5.read(run.workdir.start_model)
+                start = trained.judged_start(run.workdir)
                 network, variables = judge.with_tuned(start.network, start.variables, variables)
             keras_h5.write(
                 run.workdir.model, network, run.config.image_size, variables, run.config.preset, step,

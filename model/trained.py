@@ -105,7 +105,7 @@ def from_workdir(path: Path, checkpoint: str = "latest") -> Trained:
     layout = config["layout"]
     description = f"{path} step {step} ({config['preset']}, {layout} layout)"
     if workdir.start_model.is_file():  # a run on a user's numbers: read with its start and judge
-        start = keras_h5.read(workdir.start_model)
+        start = judged_start(workdir)
         if dataclasses.replace(start.network, members=1, judged=False) != network:
             raise ValueError(f"{workdir.start_model} does not hold the network {path} trained; train it again "
                              "with --no-resume")  # fmt: skip
@@ -115,6 +115,15 @@ def from_workdir(path: Path, checkpoint: str = "latest") -> Trained:
     return Trained(
         network, tuple(config["image_size"]), variables, description, workdir, layout, smoothing, config["preset"]
     )
+
+
+def judged_start(workdir: Workdir) -> keras_h5.ModelFile:
+    """A fine-tuning run's start.h5: the model it started from and its judge of the hand (model/judge.py)."""
+    try:
+        return keras_h5.read(workdir.start_model)
+    except keras_h5.ModelFileError as error:
+        raise keras_h5.ModelFileError(f"{error}; it holds the start of {workdir}'s fine-tuning and its judge: "
+                                      "train it again with --no-resume") from None  # fmt: skip
 
 
 def from_weights(path: Path) -> Trained:

@@ -197,6 +197,9 @@ def test_fine_tuning_on_a_folder_end_to_end(tmp_path, trained_workdir, pools):
     assert (workdir / "model.h5").read_bytes() == saved
     result = run("train.py", "--data", str(mine), "--init-from", str(start), "--preset", "seed")
     assert result.returncode == 2 and "--preset cannot be given with --init-from" in only_line(result.stderr)
+    (workdir / "start.h5").write_bytes((workdir / "start.h5").read_bytes()[:1000])  # damaged: said what to do
+    result = run("eval.py", "--workdir", str(workdir))
+    assert result.returncode == 2 and "train it again with --no-resume" in only_line(result.stderr)
 
 
 def in_member(name: str, member: int) -> str:
