@@ -34,7 +34,7 @@ def _jitted_features(network: nets.Network):
 
 def features(start: Trained, images: np.ndarray) -> np.ndarray:
     """uint8 images [N, H, W, 1] → the start network's hand features [N, 3·C]."""
-    return nets._in_batches(lambda chunk: _jitted_features(start.network)(start.variables, chunk), images)
+    return nets.in_batches(lambda chunk: _jitted_features(start.network)(start.variables, chunk), images)
 
 
 def fit(start: Trained, hand: np.ndarray, others: np.ndarray) -> dict:
@@ -61,12 +61,19 @@ def fit(start: Trained, hand: np.ndarray, others: np.ndarray) -> dict:
     return {"kernel": kernel[:, None].astype(np.float32), "bias": np.array([bias], np.float32)}
 
 
+@functools.lru_cache(maxsize=4)
+def _jitted_hand(network: nets.Network):
+    def apply(variables, images):
+        _, state = network.apply(variables, nets.to_input(images), train=False, mutable=["intermediates"])
+        return jax.nn.sigmoid(state["intermediates"]["hand"][0])  # the verdict the network itself reads by
+
+    return jax.jit(apply)
+
+
 def judged_hand(model: Trained, images: np.ndarray) -> np.ndarray:
     """A judged model's p for each of `images` (uint8 [N, H, W, 1]): the chance it is in the hand of the
     numbers it was fine-tuned on."""
-    weights = model.variables["params"]["judge"]
-    log_odds = features(member(model, "start"), images) @ np.asarray(weights["kernel"])[:, 0] + weights["bias"][0]
-    return 1.0 / (1.0 + np.exp(-log_odds))
+    return nets.in_batches(lambda chunk: _jitted_hand(model.network)(model.variables, chunk), images)
 
 
 def member(model: Trained, which: str) -> Trained:

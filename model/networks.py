@@ -537,7 +537,7 @@ def probabilities(network: Network, variables: dict, images: np.ndarray) -> np.n
 READ_BATCH = 256  # images per network call when reading; fewer are padded to the next power of two
 
 
-def _in_batches(apply: Callable, images: np.ndarray):
+def in_batches(apply: Callable, images: np.ndarray):
     """`apply` over uint8 [N, H, W, 1] images READ_BATCH at a time; its outputs (arrays, or a tuple of
     them, each [batch, ...]) joined. Padding to powers of two keeps the compiled shapes few."""
     parts = []
@@ -555,7 +555,7 @@ def read_in_batches(network: Network, variables: dict, images: np.ndarray) -> np
     """Any number of images uint8 [N, H, W, 1] → probabilities [N, positions, 11]: how predict.py reads."""
     if not len(images):
         return np.zeros((0, network.positions, 11), np.float32)
-    return _in_batches(lambda chunk: probabilities(network, variables, chunk), images)
+    return in_batches(lambda chunk: probabilities(network, variables, chunk), images)
 
 
 @functools.lru_cache(maxsize=4)
@@ -579,7 +579,7 @@ def where_looked(network: Network, variables: dict, images: np.ndarray) -> tuple
     takes the image for). None for a network without that reader."""
     if not any(isinstance(layer, Attend) for layer in network.layers) or not len(images):
         return None
-    return _in_batches(lambda chunk: _jitted_where(network)(variables, chunk), images)
+    return in_batches(lambda chunk: _jitted_where(network)(variables, chunk), images)
 
 
 def first_activations(network: Network, variables: dict, images: np.ndarray) -> np.ndarray:
