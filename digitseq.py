@@ -71,7 +71,11 @@ class Reader:
             probabilities, where = looked[0], over_columns(looked[1], images.shape[2])
         return [
             Reading(
-                digits(p), p, confidence(p, model.label_smoothing), calibrated(p, model.label_smoothing), image,
+                digits(p),
+                p,
+                confidence(p, model.label_smoothing),
+                calibrated(p, model.label_smoothing),
+                image,
                 None if where is None else where[i],
             )
             for i, (p, image) in enumerate(zip(probabilities, images, strict=True))

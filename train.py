@@ -40,9 +40,7 @@ from pipeline.sequences import (
 PROG = "train.py"
 
 
-def sequences(
-    config: Recipe, data_dir: str | None, mnist_dir: str | None, own: OwnNumbers | None = None
-) -> loop.Data:
+def sequences(config: Recipe, data_dir: str | None, mnist_dir: str | None, own: OwnNumbers | None = None) -> loop.Data:
     """The loop's data: training stacks as the recipe draws them, a user's numbers among them; validation
     never augmented nor distorted (it chooses checkpoints for MNIST's own hand — or the user's numbers held
     out). The pools load at the first call."""
