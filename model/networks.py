@@ -96,7 +96,6 @@ class Attend:
     summary: int = 16
     hidden: int = 256
     fit_window: bool = False
-    fit_rows: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +189,7 @@ DEFAULT = Preset(
         # reads 40 % of them, a global Dense layer 44 %, this 91 % (2 epochs, docs/results.md). No
         # dropout: every step's sequences are fresh, and without it the same epochs read more. Its
         # window fitted to the digit reads close and overlapping digits better (docs/results.md).
-        Attend("attend", fit_window=True, fit_rows=True),
+        Attend("attend", fit_window=True),
         Dense("dense", 128),
         Heads(),
     ),
@@ -420,8 +419,6 @@ class Network(nn.Module):
         return x if tap is None else (x, tapped)
 
     def _attend(self, x: jax.Array, layer: Attend) -> jax.Array:
-        if layer.fit_rows:
-            return self._attend_rows(x, layer)
         batch, height, width, channels = x.shape
         columns = x.transpose(0, 2, 1, 3).reshape(batch, width, height * channels)
         columns = nn.relu(nn.Dense(layer.features, kernel_init=_GLOROT, name=f"{layer.name}_columns")(columns))
@@ -439,29 +436,6 @@ class Network(nn.Module):
         if layer.fit_window:
             gates = nn.Dense(self.positions * window, kernel_init=_GLOROT, name=f"{layer.name}_fit")(nn.relu(hidden))
             windows = windows * jax.nn.sigmoid(gates).reshape(batch, self.positions, window, 1)
-        return windows.reshape(batch, self.positions, window * layer.features)
-
-    def _attend_rows(self, x: jax.Array, layer: Attend) -> jax.Array:
-        batch, height, width, channels = x.shape
-        raw = x.transpose(0, 2, 1, 3)  # [B, W, H, C]
-        summary = nn.relu(
-            nn.Dense(layer.summary, kernel_init=_GLOROT, name=f"{layer.name}_summary")(raw.reshape(batch, width, -1))
-        )
-        hidden = nn.Dense(layer.hidden, kernel_init=_GLOROT, name=f"{layer.name}_locator")(summary.reshape(batch, -1))
-        scores = nn.Dense(self.positions * width, kernel_init=_GLOROT, name=f"{layer.name}_where")(nn.relu(hidden))
-        weights = jax.nn.softmax(scores.reshape(batch, self.positions, width), axis=-1)
-        self.sow("intermediates", "where", weights)
-        window, centre = layer.window, layer.window // 2
-        padded = jnp.pad(weights, ((0, 0), (0, 0), (window - 1 - centre, centre)))
-        shifted = jnp.stack([padded[..., window - 1 - o : window - 1 - o + width] for o in range(window)], axis=2)
-        windows = jnp.einsum("bkow,bwd->bkod", shifted, raw.reshape(batch, width, -1))
-        windows = windows.reshape(batch, self.positions, window, height, channels)
-        gates = nn.Dense(self.positions * window * height, kernel_init=_GLOROT, name=f"{layer.name}_fit")(
-            nn.relu(hidden)
-        )
-        windows = windows * jax.nn.sigmoid(gates).reshape(batch, self.positions, window, height, 1)
-        windows = windows.reshape(batch, self.positions, window, height * channels)
-        windows = nn.relu(nn.Dense(layer.features, kernel_init=_GLOROT, name=f"{layer.name}_columns")(windows))
         return windows.reshape(batch, self.positions, window * layer.features)
 
 
