@@ -435,10 +435,7 @@ class Network(nn.Module):
         windows = jnp.einsum("bkow,bwd->bkod", shifted, columns)
         if layer.fit_window:
             gates = nn.Dense(self.positions * window, kernel_init=_GLOROT, name=f"{layer.name}_fit")(nn.relu(hidden))
-            gates = gates.reshape(batch, self.positions, window)
-            content = self.param(f"{layer.name}_fit_content", nn.initializers.zeros, (window, layer.features))
-            gates = gates + jnp.einsum("bkod,od->bko", windows, content)  # what the column holds, too
-            windows = windows * jax.nn.sigmoid(gates)[..., None]
+            windows = windows * jax.nn.sigmoid(gates).reshape(batch, self.positions, window, 1)
         return windows.reshape(batch, self.positions, window * layer.features)
 
 
