@@ -88,9 +88,7 @@ def member(model: Trained, which: str) -> Trained:
 
 def judged(network: nets.Network, start: dict, tuned: dict, judge: dict) -> tuple[nets.Network, dict]:
     """The judged model of a single `network` with the variables `start` and `tuned`, and the `judge`."""
-    members = dict(zip(nets.JUDGED_MEMBERS, (start, tuned), strict=True))
-    variables = {name: {member: jax.tree.map(np.asarray, given[name]) for member, given in members.items()}
-                 for name in ("params", "batch_stats") if start.get(name)}  # fmt: skip
+    variables = jax.tree.map(np.asarray, nets.judged_variables(start, tuned))
     variables["params"]["judge"] = {name: np.asarray(value) for name, value in judge.items()}
     return dataclasses.replace(network, members=2, judged=True), variables
 

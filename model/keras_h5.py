@@ -467,8 +467,7 @@ def read(path: str | Path) -> ModelFile:
     if members == 1:
         return ModelFile(network, image_size, found[0], preset, layout, label_smoothing)
     if judged:
-        variables = {name: dict(zip(nets.JUDGED_MEMBERS, (m[name] for m in found), strict=True))
-                     for name in found[0] if found[0][name]}  # fmt: skip
+        variables = nets.judged_variables(*found)
         variables["params"]["judge"] = judge
         return ModelFile(network, image_size, variables, preset, layout, label_smoothing)
     stacked = jax.tree.map(lambda *leaves: np.stack(leaves), *found)

@@ -464,6 +464,13 @@ def mean_probability_logits(member_logits: jax.Array) -> jax.Array:
     return jax.nn.logsumexp(log_probabilities, axis=0) - math.log(member_logits.shape[0])
 
 
+def judged_variables(start: dict, tuned: dict) -> dict:
+    """A judged model's variables, less its judge, from those of its two networks (`member_variables` back)."""
+    members = dict(zip(JUDGED_MEMBERS, (start, tuned), strict=True))
+    return {name: {member: given[name] for member, given in members.items()}
+            for name in ("params", "batch_stats") if start.get(name)}  # fmt: skip
+
+
 def member_variables(network: Network, variables: dict) -> list[dict]:
     """An ensemble's variables → each member's, as a single network's (one member: the variables as they are;
     a judged model: its start's and its fine-tuned network's)."""
