@@ -300,6 +300,10 @@ def _plain(function):
 def _finish(dataset: tf.data.Dataset, threads: int | None) -> tf.data.Dataset:
     options = tf.data.Options()
     options.deterministic = True
+    # No autotuning model: its thread, asleep between optimisations (up to a minute apart), was often not
+    # woken when the iterator went away, and a finished or signalled train.py waited up to 30 s (once
+    # minutes) after its last line. Without it, map's AUTOTUNE takes the cores and prefetch sizes itself.
+    options.autotune.enabled = False
     if threads is not None:
         _check_whole("threads", threads, 1)
         options.threading.private_threadpool_size = threads

@@ -152,6 +152,17 @@ def test_eval_batches_cover_the_set_with_a_short_last_batch(pools):
     assert concat(batches)["image"].tobytes() == again["image"].tobytes()
 
 
+def test_streams_run_without_the_autotuning_model_whose_thread_held_the_exit(pools):
+    # With tf.data's autotuning model, dropping a stream waited for its thread's sleep between optimisations
+    # (a finished or signalled train.py sat up to 30 s, once minutes, after its last line): no such thread.
+    streams = (
+        train_batches(pools["train"], batch_size=8, seed=0),
+        eval_batches(pools["test"], num_examples=8, batch_size=8, seed=0),
+    )
+    for dataset in streams:
+        assert dataset.options().autotune.enabled is False and dataset.options().deterministic is True
+
+
 def test_augmentation_shifts_each_digit_by_at_most_two_pixels(pools):
     plain = first(train_batches(pools["train"], batch_size=64, seed=9), 1)[0]
     moved = first(train_batches(pools["train"], SequenceConfig(augment=True), batch_size=64, seed=9), 1)[0]
