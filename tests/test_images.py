@@ -295,9 +295,13 @@ def test_a_hairline_number_frames_with_strokes_as_wide_as_mnists(number):
 
 @pytest.mark.parametrize(
     "value,named",
-    [(None, "None (NoneType)"), (3, "3 (int)"), (2.5, "2.5 (float)"),
-     ([[0, 255], [255, 0]], "[[0, 255], [255, 0]] (list)"),
-     ({"image": "a.png"}, "{'image': 'a.png'} (dict)")],  # fmt: skip
+    [
+        (None, "None (NoneType)"),
+        (3, "3 (int)"),
+        (2.5, "2.5 (float)"),
+        ([[0, 255], [255, 0]], "[[0, 255], [255, 0]] (list)"),
+        ({"image": "a.png"}, "{'image': 'a.png'} (dict)"),
+    ],
     ids=["None", "int", "float", "nested-list", "dict"],
 )
 def test_what_is_not_an_image_is_refused_in_one_sentence(value, named):
