@@ -143,9 +143,11 @@ class Learner:
     own beside the server; once it is done the server reads with the adapted model (its batch shapes compiled
     first), and can go back to the one before."""
 
-    def __init__(self, batcher: Batcher, start: Path, folder: Path, epochs: int | None = None, data: list[str] = ()):
+    def __init__(
+        self, batcher: Batcher, start: Path, folder: Path, epochs: int | None = None, train_flags: list[str] = ()
+    ):
         self.batcher, self.start, self.folder, self.epochs = batcher, start, folder, epochs
-        self.data = list(data)  # train.py's MNIST flags (--mnist-dir, --data-dir)
+        self.train_flags = list(train_flags)  # train.py's further flags (demo.py gives --mnist-dir, --data-dir)
         self.workdir = folder.parent / "learned"
         self.lock = threading.Lock()
         self.state, self.progress, self.message = "idle", 0.0, ""
@@ -185,7 +187,7 @@ class Learner:
                               "to check what was learned)")  # fmt: skip
             command = [sys.executable, str(Path(__file__).with_name("train.py")), "--data", str(self.folder),
                        "--init-from", str(self.start), "--workdir", str(self.workdir), "--no-resume"]  # fmt: skip
-            command += self.data + (["--epochs", str(self.epochs)] if self.epochs else [])
+            command += self.train_flags + (["--epochs", str(self.epochs)] if self.epochs else [])
             quiet = os.environ | {"PYTHONUNBUFFERED": "1"}
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                        stdin=subprocess.DEVNULL, env=quiet)  # fmt: skip
@@ -353,7 +355,7 @@ def serve(
 ) -> Server:  # fmt: skip
     """The page's server, bound but not yet serving (call serve_forever); its batcher as `.batcher`. With
     `learning` (Learner's arguments after the batcher: the model's path, the corrections folder, the epochs of
-    learning, train.py's MNIST flags), the page keeps corrections and learns from them (`.learner`)."""
+    learning, train.py's further flags), the page keeps corrections and learns from them (`.learner`)."""
     batcher = Batcher(reader, max_batch)
     learner = None if learning is None else Learner(batcher, *learning)
     try:
@@ -521,9 +523,9 @@ def main(argv: list[str] | None = None) -> int | None:
         return benchmark(reader, args)
     beside = args.model if args.model.is_dir() else args.model.parent
     corrections = args.corrections or beside / "corrections"
-    data = [f"--{name.replace('_', '-')}={value}" for name in ("mnist_dir", "data_dir")
+    mnist = [f"--{name.replace('_', '-')}={value}" for name in ("mnist_dir", "data_dir")
             if (value := getattr(args, name))]  # fmt: skip
-    server = serve(reader, args.host, args.port, learning=(args.model, corrections, args.learn_epochs, data))
+    server = serve(reader, args.host, args.port, learning=(args.model, corrections, args.learn_epochs, mnist))
     try:
         local = ipaddress.ip_address(server.server_address[0]).is_loopback
     except ValueError:

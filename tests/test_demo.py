@@ -394,7 +394,9 @@ def test_the_page_keeps_corrections_learns_a_hand_and_goes_back(browser, reader,
     from selenium.webdriver.support.ui import WebDriverWait
 
     corrections = tmp_path / "corrections"
-    server = demo.serve(reader, "127.0.0.1", 0, learning=(trained_workdir / "model.h5", corrections, 1, []))
+    # One epoch of 20 steps (a fifth of fine-tuning's), enough to follow the loop through
+    learning = (trained_workdir / "model.h5", corrections, 1, ["--train-examples", "1280"])
+    server = demo.serve(reader, "127.0.0.1", 0, learning=learning)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         browser.get(demo.address(server))
@@ -417,7 +419,7 @@ def test_the_page_keeps_corrections_learns_a_hand_and_goes_back(browser, reader,
         assert body.get_attribute("data-learn") == "learned", browser.find_element(By.ID, "learning-text").text
         assert answered > 0
         footer = browser.find_element(By.ID, "model")
-        WebDriverWait(browser, 30).until(lambda _: "learned/model.h5 step 100" in footer.text)
+        WebDriverWait(browser, 30).until(lambda _: "learned/model.h5 step 20" in footer.text)
         assert json.loads((tmp_path / "learned" / "config.json").read_text())["data"] == [str(corrections)]
         clear(browser)
         assert answer(browser, strokes=write(browser, "7"))["number"] == "7"  # read by the adapted model
