@@ -183,6 +183,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"train towards (1-EPS)*one-hot + EPS/11 {recipe('label_smoothing')}",
     )  # fmt: skip
     parser.add_argument(
+        "--weight-decay", type=float, metavar="WD",
+        help=f"decoupled weight decay (AdamW) on the kernels: each step shrinks them by the rate × WD, 0 for none "
+        f"{recipe('weight_decay')}",
+    )  # fmt: skip
+    parser.add_argument(
         "--augment", action=argparse.BooleanOptionalAction,
         help=f"cells: shift each digit by up to ±2 px; free: jitter the frame (±5 %% scale, ±1 px) {recipe('augment')}",
     )  # fmt: skip
@@ -320,6 +325,8 @@ def config_from_args(
         raise ValueError(f"--learning-rate must be positive and finite, not {config.learning_rate}")
     if not 0 <= config.label_smoothing < 1:
         raise ValueError(f"--label-smoothing must be in [0, 1), not {config.label_smoothing}")
+    if not (config.weight_decay >= 0 and math.isfinite(config.weight_decay)):
+        raise ValueError(f"--weight-decay must be 0 or more and finite, not {config.weight_decay}")
     if initial is not None:
         config = dataclasses.replace(config, init_from=initial.description, init_digest=initial.digest())
     if config.train_examples is not None and config.train_examples < config.batch_size:

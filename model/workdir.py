@@ -37,8 +37,9 @@ CRASH = "crash.txt"
 _PARTIAL = ".{name}.partial"
 
 # What a config.json means by a key it lacks: it was written before ensembles (one network), layouts
-# (cells) and distortions (none) existed. The one place these defaults live (model.h5 reads so too).
-RECORDED_BEFORE = {"ensemble": 1, "layout": "cells", "distortions": []}
+# (cells), distortions (none) and weight decay (none) existed. The one place these defaults live (model.h5
+# reads so too).
+RECORDED_BEFORE = {"ensemble": 1, "layout": "cells", "distortions": [], "weight_decay": 0.0}
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:

@@ -134,6 +134,20 @@ def test_the_recipes_name_every_distortion_the_pipeline_draws():
     assert NAMED == DISTORTIONS and RECIPES["default"].distortions == tuple(n for n in DISTORTIONS if n != "pen")
 
 
+def test_weight_decay_shrinks_the_kernels_alone_and_only_where_the_recipe_has_it():
+    import jax
+    import jax.numpy as jnp
+
+    params = {"conv1": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)}, "norm": {"scale": jnp.ones(3)}}
+    still = jax.tree.map(jnp.zeros_like, params)  # no gradient: whatever moves, the decay moved
+    for name, decayed in (("default", {"kernel"}), ("seed", set()), ("accurate", set())):
+        optimizer = RECIPES[name].optimizer()
+        updates, _ = optimizer.update(still, optimizer.init(params), params)
+        moved = {path[-1].key for path, update in jax.tree_util.tree_leaves_with_path(updates) if update.any()}
+        assert moved == decayed, name
+    assert RECIPES["default"].weight_decay > 0
+
+
 @pytest.mark.parametrize(
     "flags,message",
     [
@@ -143,6 +157,7 @@ def test_the_recipes_name_every_distortion_the_pipeline_draws():
         (["--max-digits", "0"], "--max-digits: must be at least 1"),
         (["--learning-rate", "0"], "--learning-rate must be positive"),
         (["--learning-rate", "inf"], "--learning-rate must be positive and finite, not inf"),
+        (["--weight-decay", "-0.1"], "--weight-decay must be 0 or more and finite, not -0.1"),
         (["--train-examples", "50"], "cannot fill one batch of 64"),
         (["--image-size", "4x4"], "4x4 is too small for the default preset"),
         (["--time-budget", "0"], "--time-budget: must be a positive number of minutes"),
@@ -182,14 +197,14 @@ def test_a_workdir_another_process_of_the_run_is_setting_up_is_not_foreign(tmp_p
 
 
 def test_a_workdir_recorded_before_layouts_continues_in_cells(tmp_path):
-    """A config.json without a layout was written when every run trained on cells: rerunning its command
-    continues it so, whatever today's default recipe says."""
+    """A config.json without a layout was written when every run trained on cells (and without weight decay,
+    when none had it): rerunning its command continues it so, whatever today's default recipe says."""
     sys.path.insert(0, str(ROOT))
     import train as train_script
 
     config = {"preset": "default", "max_digits": 5, "ensemble": 1, "image_size": [28, 140], "layers": []}
     (tmp_path / "config.json").write_text(json.dumps(config))
     recipe, _ = train_script.config_from_args(train_script.parse_args(["--workdir", str(tmp_path)]))
-    assert recipe.preset == "default" and recipe.layout == "cells"
+    assert recipe.preset == "default" and recipe.layout == "cells" and recipe.weight_decay == 0
     fresh, _ = train_script.config_from_args(train_script.parse_args(["--workdir", str(tmp_path / "new")]))
-    assert fresh.layout == "mixed"
+    assert fresh.layout == "mixed" and fresh.weight_decay == RECIPES["default"].weight_decay > 0
