@@ -204,8 +204,8 @@ def _settle(
 
 
 def recorded_choice(path: Path) -> dict | None:
-    """What a rerun on `path` without --preset continues with: the preset, ensemble, layout and distortions
-    its run records (None: no run there, or one of a preset that is gone)."""
+    """What a rerun on `path` without --preset continues with: the preset, ensemble, layout, distortions and
+    weight decay its run records (None: no run there, or one of a preset that is gone)."""
     workdir = Workdir(path)
     saved = workdir.read_config() if workdir.holds_a_run() else {}
     if saved.get("preset") not in RECIPES:

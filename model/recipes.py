@@ -20,7 +20,7 @@ class Recipe:
     epochs: int
     batch_size: int  # global, split over the devices
     train_examples: int | None  # a fixed set of this many sequences; None: fresh ones every step
-    learning_rate: float  # Adam's (the peak, with cosine)
+    learning_rate: float  # Adam's or AdamW's (the peak, with cosine)
     schedule: str  # "constant", or "cosine": warm-up over the first 5 % of the planned steps, then cosine to 0
     label_smoothing: float
     weight_decay: float  # decoupled (AdamW), on the kernels: each step shrinks them by the rate × this
@@ -88,8 +88,8 @@ RECIPES: dict[str, Recipe] = {
     ),
     # Batch 64 reads more than 128 (at lr 3e-3) and costs no more per sequence on a CPU. The digits drawn
     # by other pens and hands too: each distortion kept for what it does for numbers as people write them
-    # (docs/results.md); 13 epochs, as many as the 20 minutes of the goal allow. Weight decay read the free
-    # test and overlapping numbers better (docs/results.md, "Weight decay").
+    # (docs/results.md); 13 epochs, as many as the 20 minutes of the goal allow. Weight decay on the kernels
+    # read the free test better (docs/results.md, "Weight decay").
     "default": Recipe(
         preset="default", epochs=13, batch_size=64, train_examples=None, learning_rate=2e-3, schedule="cosine",
         label_smoothing=0.1, weight_decay=0.1, augment=True, layout="mixed", distortions=TRAINED_DISTORTIONS,
